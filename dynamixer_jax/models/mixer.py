@@ -1,0 +1,104 @@
+"""MLP-Mixer (Tolstikhin et al., 2021), written like the paper's Flax listing.
+
+Parameter names equal the official checkpoints' (``stem``, ``MixerBlock_0/token_mixing/Dense_0``,
+``pre_head_layer_norm``, ``head``), so an official ``.npz`` loads without renaming. Numerics are the
+official ones too: tanh-approximate GELU and LayerNorm epsilon 1e-6 (Flax defaults).
+"""
+
+from typing import Any, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dynamixer_jax.models.layers import DropPath, drop_path_rates
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense, back to the input width."""
+
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+    y = nn.gelu(y)
+    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+
+
+class MixerBlock(nn.Module):
+  """One Mixer layer: an MLP across tokens, then an MLP across channels, each pre-norm residual."""
+
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    drop_path = DropPath(self.drop_path_rate)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = jnp.swapaxes(y, 1, 2)
+    y = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype, name="token_mixing")(y)
+    y = jnp.swapaxes(y, 1, 2)
+    x = x + drop_path(y, train)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(self.channels_mlp_dim, dtype=self.dtype, name="channel_mixing")(y)
+    return x + drop_path(y, train)
+
+
+class MlpMixer(nn.Module):
+  """The MLP-Mixer network: patch stem, ``num_blocks`` Mixer layers, mean pool, linear head.
+
+  ``num_classes=0`` returns the pooled features instead of logits. ``drop_path_rate`` (not in the
+  official model, 0 by default) adds stochastic depth, linear over the blocks.
+  """
+
+  patch_size: int
+  num_classes: int
+  num_blocks: int
+  hidden_dim: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  drop_path_rate: float = 0.0
+  in_channels: int = 3
+  image_size: Optional[int] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    _check_images(images, self.patch_size, self.in_channels, self.image_size, type(self).__name__)
+    p = self.patch_size
+    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images)
+    x = einops.rearrange(x, "n h w c -> n (h w) c")
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype,
+                     name=f"MixerBlock_{i}")(x, train)
+    x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
+    x = jnp.mean(x, axis=1)
+    if self.num_classes == 0:
+      return x
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                    name="head")(x)
+
+
+def _check_images(images: jax.Array, patch_size: int, in_channels: int,
+                  image_size: Optional[int], model: str) -> None:
+  """Fail with a message a person can act on instead of an XLA shape error."""
+  if images.ndim != 4:
+    raise ValueError(f"{model} expects images of shape (batch, height, width, channels) (NHWC); "
+                     f"got shape {tuple(images.shape)}.")
+  _, h, w, c = images.shape
+  if c != in_channels:
+    raise ValueError(f"{model} expects {in_channels} channels last (NHWC); got {c} channels in "
+                     f"shape {tuple(images.shape)}. Convert grayscale/RGBA images to RGB, or "
+                     "transpose NCHW input with x.transpose(0, 2, 3, 1).")
+  if image_size is not None and (h, w) != (image_size, image_size):
+    raise ValueError(f"{model} was built for {image_size}x{image_size} images; got {h}x{w}. "
+                     f"Resize to {image_size}x{image_size}, or build the model with "
+                     f"image_size={h} if the architecture allows it.")
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"{model}: image size {h}x{w} is not divisible by the patch size "
+                     f"{patch_size}.")

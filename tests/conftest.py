@@ -1,0 +1,34 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def load_fixture(name: str) -> dict:
+  """A reference fixture made with the official code: params, input (NHWC), logits, config."""
+  with np.load(FIXTURES / name, allow_pickle=False) as z:
+    data = {k: z[k] for k in z.files}
+  params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+  images = data["input"]
+  if images.shape[1] == 3 and images.shape[-1] != 3:  # torch fixtures are NCHW
+    images = images.transpose(0, 2, 3, 1)
+  return dict(params=params, images=images, logits=data["logits"],
+              logits_f64=data["logits_f64"], raw=data)
+
+
+@pytest.fixture
+def dynamixer_tiny() -> dict:
+  return load_fixture("dynamixer_tiny.npz")
+
+
+@pytest.fixture
+def mixer_tiny() -> dict:
+  return load_fixture("mixer_tiny.npz")
