@@ -1,0 +1,398 @@
+"""Host-side input pipeline: a dataset -> host-local numpy batches of uint8 images and int32 labels.
+
+Sources: any prepared TFDS image-classification set (streamed from its files), scikit-learn's
+``digits``, a local image ``folder``, and ``tfds.testing.mock_data`` (``data.mock``). The last three
+are held in memory and read by index. Normalisation happens later, on the device.
+
+Every random choice is stateless, keyed by (seed, epoch, example index), so a run resumed at
+``start_step`` yields exactly the batches an uninterrupted run would have.
+"""
+
+import dataclasses
+import difflib
+import functools
+import math
+import os
+from typing import Iterator, Optional
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+TRAIN_CROPS = ("random_resized", "resize_pad_crop")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGENET_INSTRUCTIONS = (
+    "ImageNet cannot be downloaded automatically. Register at "
+    "https://image-net.org/download-images, download ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar into {root}/downloads/manual/ (the TFDS manual_dir), then run:\n"
+    "  tfds build imagenet2012 --data_dir={root}\n"
+    "(add --manual_dir=DIR if the tars live elsewhere). To test without it, set data.mock=True.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer needs to know before it builds the model: classes and split sizes."""
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  class_names: tuple[str, ...]
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every field the pipeline reads, at ImageNet defaults; configs override what differs."""
+  return ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+      image_size=224, eval_resize=248, train_crop="random_resized", pad=4, hflip=True,
+      shuffle_buffer=10_000, mock=False, mock_num_examples=64))
+
+
+# --- Sources -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Examples:
+  """An in-memory split: uint8 pixels (N, H, W, 3), encoded image bytes, or file paths."""
+  images: np.ndarray
+  labels: np.ndarray
+  kind: str  # "pixels" | "encoded" | "paths"
+
+  def loader(self):
+    """A tf function index -> (uint8 image, int32 label), with the tables captured once."""
+    images, labels = tf.constant(self.images), tf.constant(self.labels, tf.int32)
+    def load(index):
+      image = tf.gather(images, index)
+      if self.kind == "paths":
+        image = tf.io.read_file(image)
+      if self.kind != "pixels":
+        image = decode_image(image)
+      return image, tf.gather(labels, index)
+    return load
+
+
+@functools.lru_cache(maxsize=None)
+def _digits() -> tuple[_Examples, _Examples]:
+  """scikit-learn's 1,797 digits as RGB uint8, split 80/20, stratified with a fixed seed."""
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  train, test = model_selection.train_test_split(
+      np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=0)
+  labels = digits.target.astype(np.int32)
+  return tuple(_Examples(images[i], labels[i], "pixels") for i in (train, test))
+
+
+@functools.lru_cache(maxsize=None)
+def _mock_examples(name: str, num_examples: int) -> _Examples:
+  """``tfds.testing.mock_data``'s examples (deterministic, equal for every split), in memory.
+
+  Generated here rather than under a caller's patch, so a trainer in a child process gets them too.
+  """
+  with tfds.testing.mock_data(num_examples=num_examples):
+    ds = tfds.builder(name).as_dataset(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    examples = list(ds.as_numpy_iterator())
+  images = np.array([ex["image"] for ex in examples], dtype=object)
+  labels = np.array([ex["label"] for ex in examples], np.int32)
+  return _Examples(images, labels, "encoded")
+
+
+def _folder_classes(root: str) -> tuple[str, ...]:
+  """Class names: the sorted subfolders of ``root/train``, after checking the layout."""
+  if not root:
+    raise ValueError("data.name='folder' needs data.data_dir: the root of train/<class>/ and "
+                     "val/<class>/.")
+  for sub in ("train", "val"):
+    if not os.path.isdir(os.path.join(root, sub)):
+      raise ValueError(f"Image folder {root!r} has no {sub}/ subfolder. Expected "
+                       f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg.")
+  classes = tuple(sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir()))
+  if not classes:
+    raise ValueError(f"{root}/train/ has no class subfolders; put images in {root}/train/<class>/.")
+  return classes
+
+
+def _folder_examples(root: str, sub: str) -> _Examples:
+  """Paths and labels of ``root/sub/<class>/*``, sorted so the order never depends on the disk."""
+  classes = _folder_classes(root)
+  paths, labels = [], []
+  for class_dir in sorted(e.name for e in os.scandir(os.path.join(root, sub)) if e.is_dir()):
+    if class_dir not in classes:
+      raise ValueError(f"{root}/{sub}/{class_dir} is not a class of {root}/train/ "
+                       f"({len(classes)} classes); rename or remove it.")
+    folder = os.path.join(root, sub, class_dir)
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise ValueError(f"Class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                       "add images or remove the folder.")
+    paths += [os.path.join(folder, f) for f in files]
+    labels += [classes.index(class_dir)] * len(files)
+  return _Examples(np.array(paths), np.array(labels, np.int32), "paths")
+
+
+def _in_memory(data: ml_collections.ConfigDict, train: bool) -> Optional[_Examples]:
+  """The in-memory split for digits, folder and mock data; None for a streamed TFDS set."""
+  if data.name == "digits":
+    return _digits()[0 if train else 1]
+  if data.name == "folder":
+    return _folder_examples(data.data_dir, "train" if train else "val")
+  if data.mock:
+    _tfds_builder(data)  # Checks the name.
+    return _mock_examples(data.name, data.mock_num_examples)
+  return None
+
+
+def _tfds_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder, checked to be known, prepared on disk and an image classification set."""
+  try:
+    builder = tfds.builder(data.name, data_dir=data.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(data.name, tfds.list_builders(), n=3)
+    raise ValueError(f"Unknown dataset data.name={data.name!r}. Use 'digits', 'folder', or a TFDS "
+                     f"image-classification name (e.g. cifar10, cifar100, imagenet2012; see "
+                     f"tfds.list_builders()). Close matches: {close or 'none'}.") from None
+  features = builder.info.features
+  features = dict(features.items()) if isinstance(features, tfds.features.FeaturesDict) else {}
+  if not (isinstance(features.get("image"), tfds.features.Image)
+          and isinstance(features.get("label"), tfds.features.ClassLabel)):
+    raise ValueError(f"TFDS dataset {data.name!r} lacks an 'image' Image and a 'label' ClassLabel "
+                     "feature; only image classification sets are supported.")
+  if not data.mock and not builder.is_prepared():
+    root = builder.data_dir_root
+    if data.name.split("/")[0] == "imagenet2012":
+      how = IMAGENET_INSTRUCTIONS.format(root=root)
+    else:
+      how = f"Prepare it on a machine with network: tfds build {data.name} --data_dir={root}"
+      if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        how += (f"\nIt needs files downloaded by hand into {root}/downloads/manual/:\n"
+                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    raise FileNotFoundError(f"TFDS dataset {data.name!r} is not prepared under data_dir={root} "
+                            f"(this pipeline never downloads). {how}")
+  return builder
+
+
+def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Examples in a split (slices like 'train[:50%]' too), or an error naming the valid splits."""
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"Split {split!r} of {builder.name!r} is invalid ({e}); available splits: "
+                     f"{list(builder.info.splits)}.") from None
+
+
+def dataset_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes and split sizes; fails early, before anything compiles, if the data is not usable."""
+  _check_config(data)
+  if data.name == "digits":
+    train, test = _digits()
+    return DatasetInfo(10, len(train.labels), len(test.labels), tuple(str(i) for i in range(10)))
+  if data.name == "folder":
+    classes = _folder_classes(data.data_dir)
+    sizes = [len(_folder_examples(data.data_dir, sub).labels) for sub in ("train", "val")]
+    return DatasetInfo(len(classes), *sizes, classes)
+  builder = _tfds_builder(data)
+  label = builder.info.features["label"]
+  if data.mock:
+    sizes = [data.mock_num_examples] * 2
+  else:
+    sizes = [_split_size(builder, s) for s in (data.train_split, data.eval_split)]
+  return DatasetInfo(label.num_classes, *sizes, tuple(label.names))
+
+
+def _check_config(data: ml_collections.ConfigDict) -> None:
+  """Settings that would otherwise fail deep inside tf.data, with an unreadable message."""
+  if data.train_crop not in TRAIN_CROPS:
+    raise ValueError(f"data.train_crop={data.train_crop!r} is not one of {TRAIN_CROPS}.")
+  if data.eval_resize < data.image_size:
+    raise ValueError(f"data.eval_resize={data.eval_resize} is smaller than data.image_size="
+                     f"{data.image_size}; the eval center crop needs eval_resize >= image_size.")
+
+
+# --- Per-example preprocessing -------------------------------------------------------------------
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Any JPEG/PNG/GIF/BMP -> uint8 (H, W, 3): grayscale is replicated, alpha dropped."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
+  """Bicubic, antialiased when shrinking (like PIL), rounded back to uint8."""
+  image = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def preprocess_train(image: tf.Tensor, key: tf.Tensor,
+                     data: ml_collections.ConfigDict) -> tf.Tensor:
+  """Random crop and horizontal flip of one uint8 (H, W, 3) image, all randomness from ``key``.
+
+  ``key`` is a stateless seed (int64, shape [2]) unique to (seed, epoch, example); augment.py
+  extends this function.
+  """
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  size = data.image_size
+  if data.train_crop == "random_resized":
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_key,
+        min_object_covered=0.0, aspect_ratio_range=RRC_RATIO, area_range=RRC_SCALE, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop), size, size)
+  else:
+    image = _resize(image, size, size)
+    image = tf.pad(image, [[data.pad, data.pad], [data.pad, data.pad], [0, 0]])
+    image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
+  if data.hflip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+def preprocess_eval(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """Resize the shorter side to ``eval_resize``, then center-crop ``image_size``."""
+  size = data.image_size
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  hw = tf.maximum(tf.cast(tf.round(hw * data.eval_resize / tf.reduce_min(hw)), tf.int32), size)
+  image = _resize(image, hw[0], hw[1])
+  top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
+  return tf.ensure_shape(tf.slice(image, [top, left, 0], [size, size, 3]), [size, size, 3])
+
+
+# --- Batches -------------------------------------------------------------------------------------
+
+
+def _options() -> tf.data.Options:
+  """Deterministic order (the resume guarantee rests on it); one thread per op, many ops at once."""
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _example_key(seed: int, epoch, index) -> tf.Tensor:
+  """The stateless seed of one example's augmentation in one epoch."""
+  key = tf.constant([seed, 0], tf.int64)
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def _check_batching(batch_size: int, process_index: int, process_count: int,
+                    start_step: int = 0) -> None:
+  if batch_size < 1 or start_step < 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"Need batch_size >= 1, start_step >= 0 and 0 <= process_index < "
+                     f"process_count; got {batch_size=}, {start_step=}, {process_index=}, "
+                     f"{process_count=}.")
+
+
+def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Endless per-process train batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}.
+
+  Batch ``start_step`` onwards equals what an uninterrupted run yields from that step on.
+  """
+  _check_config(data)
+  _check_batching(batch_size, process_index, process_count, start_step)
+  examples = _in_memory(data, train=True)
+  if examples is None:
+    return _stream_train(data, batch_size, seed, start_step, process_index, process_count)
+  num, global_batch = len(examples.labels), batch_size * process_count
+  steps_per_epoch = num // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"The global batch {global_batch} exceeds the {num} train examples; "
+                     "use a smaller batch.")
+  load = examples.loader()
+
+  def epoch_indices(epoch):
+    # One permutation per epoch; step s takes its global batch from perm[s*G:(s+1)*G], and
+    # process i its i-th slice, so the global batch does not depend on the process count.
+    order_key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), epoch)
+    perm = tf.random.experimental.stateless_shuffle(tf.range(num, dtype=tf.int64), seed=order_key)
+    perm = tf.reshape(perm[:steps_per_epoch * global_batch],
+                      [steps_per_epoch, process_count, batch_size])
+    indices = tf.reshape(perm[:, process_index], [-1])
+    return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
+
+  def example(epoch, index):
+    image, label = load(index)
+    image = preprocess_train(image, _example_key(seed, epoch, index), data)
+    return {"image": image, "label": label}
+
+  start_epoch, skip = divmod(start_step, steps_per_epoch)
+  endless = tf.data.Dataset.range(start_epoch, 2**62)
+  ds = endless.flat_map(epoch_indices).skip(skip * batch_size)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options()).as_numpy_iterator()
+
+
+def _stream_train(data, batch_size, seed, start_step, process_index, process_count):
+  """Train batches streamed from TFDS files: a pipeline per epoch, its shuffles seeded by it."""
+  builder = _tfds_builder(data)
+  split = tfds.even_splits(data.train_split, n=process_count, drop_remainder=True)[process_index]
+  num = _split_size(builder, split)
+  steps_per_epoch = num // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {num} train examples of process "
+                     f"{process_index}; use a smaller batch.")
+
+  def example(epoch, index, ex):
+    key = _example_key(seed, epoch, process_index * num + index)  # Unique over processes too.
+    image = preprocess_train(decode_image(ex["image"]), key, data)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+  def epochs() -> Iterator[dict[str, np.ndarray]]:
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+      epoch_seed = int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+      ds = builder.as_dataset(
+          split=split, shuffle_files=True, decoders={"image": tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, options=_options()))
+      ds = ds.shuffle(data.shuffle_buffer, seed=epoch_seed).take(steps_per_epoch * batch_size)
+      ds = ds.enumerate().skip(skip * batch_size)  # Skip before decoding: resuming is cheap.
+      ds = ds.map(functools.partial(example, epoch), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+      ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+      yield from ds.with_options(_options()).as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+  return epochs()
+
+
+def eval_batches(data: ml_collections.ConfigDict, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split, each example counted once across processes via 'mask'.
+
+  Every batch has ``batch_size`` rows and every process yields the same number of batches
+  (padding rows, and whole padding batches, have mask False), as multi-host steps need.
+  """
+  _check_config(data)
+  _check_batching(batch_size, process_index, process_count)
+  examples = _in_memory(data, train=False)
+  if examples is None:
+    builder = _tfds_builder(data)
+    splits = tfds.even_splits(data.eval_split, n=process_count, drop_remainder=False)
+    sizes = [_split_size(builder, s) for s in splits]
+    ds = builder.as_dataset(split=splits[process_index], shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(options=_options()))
+    read = lambda ex: (decode_image(ex["image"]), tf.cast(ex["label"], tf.int32))
+  else:
+    shards = np.array_split(np.arange(len(examples.labels), dtype=np.int64), process_count)
+    sizes = [len(s) for s in shards]
+    ds, read = tf.data.Dataset.from_tensor_slices(shards[process_index]), examples.loader()
+
+  def example(item):
+    image, label = read(item)
+    return {"image": preprocess_eval(image, data), "label": label, "mask": tf.constant(True)}
+
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  size, num_rows = data.image_size, math.ceil(max(sizes) / batch_size) * batch_size
+  padding = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+             "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_rows - sizes[process_index]))
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options()).as_numpy_iterator()

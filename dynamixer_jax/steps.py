@@ -1,0 +1,110 @@
+"""The train state and the jitted steps: pure functions of the state and a global batch.
+
+Nothing here imports TensorFlow, tfds or clu (accelerator images often lack them), so the
+benchmark times exactly the step that ``train.py`` runs.
+"""
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dynamixer_jax import models, optim
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # None when the EMA is off
+
+
+def compute_dtype(name: str) -> Any:
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  return models.create_model(config.model.name, num_classes=num_classes,
+                             dtype=compute_dtype(config.dtype), **kwargs)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 pixels -> float32 normalised with per-channel mean/std (given for 0..1 pixels)."""
+  mean = jnp.asarray(mean, jnp.float32) * 255.0
+  std = jnp.asarray(std, jnp.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+                       key: jax.Array, use_ema: bool) -> TrainState:
+  images = jnp.zeros((1, image_size, image_size, model.in_channels), jnp.float32)
+  params = model.init(key, images)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params if use_ema else None)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
+                    config: ml_collections.ConfigDict, num_classes: int) -> Callable:
+  """``(state, batch) -> (state, metrics)``: forward, backward, optimizer and EMA update."""
+  train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    key = jax.random.fold_in(train_key, state.step)
+    images = normalize(batch["image"], config.mean, config.std)
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
+                                  config.label_smoothing)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+      logits = logits.astype(jnp.float32)
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = optim.ema_update(ema, params, config.ema_decay)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict,
+                   num_classes: int) -> Callable:
+  """``(state, batch) -> sums``: correct top-1/top-5 and loss of the raw and EMA weights,
+  counting only rows whose ``mask`` is set (padding rows count nothing)."""
+  k = min(5, num_classes)
+
+  def counts(params, images, labels, mask):
+    logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+    top_k = jax.lax.top_k(logits, k)[1]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return dict(top1=jnp.sum((top_k[:, 0] == labels) * mask),
+                top5=jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+                loss=jnp.sum(loss * mask))
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    images = normalize(batch["image"], config.mean, config.std)
+    mask = batch["mask"].astype(jnp.float32)
+    sums = {"count": jnp.sum(mask)}
+    for prefix, params in (("", state.params), ("ema_", state.ema_params)):
+      if params is not None:
+        sums.update({prefix + n: v for n, v in
+                     counts(params, images, batch["label"], mask).items()})
+    return sums
+
+  return eval_step

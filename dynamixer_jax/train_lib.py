@@ -1,0 +1,164 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)`` is the one entry point.
+
+The state and the jitted steps live in ``steps.py``; this module adds what needs the host:
+evaluation over a padded split, and the loop with its periodic actions (logging, evaluation,
+checkpoints). Randomness is stateless (the step's key is ``fold_in(seed key, step)``, the data
+order is keyed by seed, epoch and index), so a resumed run continues the same streams.
+"""
+
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from dynamixer_jax import checkpointing, configlib, input_pipeline, models, optim, sharding
+from dynamixer_jax.steps import (TrainState, build_model, create_train_state, make_eval_step,
+                                 make_train_step)
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             mesh) -> dict[str, float]:
+  """Top-1/top-5 accuracy and loss over one pass of padded eval batches."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(state, sharding.to_global(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  results = {"eval_count": count}
+  for name, value in totals.items():
+    prefix = "eval_ema_" if name.startswith("ema_") else "eval_"
+    results[prefix + name.removeprefix("ema_")] = float(value) / max(count, 1.0)
+  return results
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _checkpoint_metadata(config, info: input_pipeline.DatasetInfo) -> dict[str, Any]:
+  """What a user of the checkpoint needs: the model, its classes and its preprocessing."""
+  kwargs = models.model_kwargs(config.model.name,
+                               **{k: v for k, v in config.model.items() if k != "name"})
+  kwargs["num_classes"] = info.num_classes
+  kwargs.pop("dtype", None)  # a property of the run, not of the weights
+  return dict(
+      model=dict(name=config.model.name, kwargs=kwargs),
+      num_classes=info.num_classes, class_names=list(info.class_names),
+      preprocessing=dict(image_size=config.data.image_size, resize=config.data.eval_resize,
+                         interpolation="bicubic", crop="center", mean=list(config.mean),
+                         std=list(config.std)),
+      dataset=config.data.name, config=config.to_json_best_effort())
+
+
+class _Progress:
+  """The console line every N steps: loss, lr, images/s and the time left."""
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int):
+    self.total, self.batch = total_steps, global_batch
+    self.last_step, self.last_time = start_step, time.time()
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(rate, 1e-9)
+    return (f"step {step}/{self.total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
+            f"{rate * self.batch:.1f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Train ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
+  configlib.validate(config)
+  info = input_pipeline.dataset_info(config.data)  # a missing dataset stops here, early
+  mesh = sharding.mesh_from_config(config)
+  local_batch = sharding.per_process_batch(config.batch_size, mesh)
+  local_eval_batch = sharding.per_process_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
+                     f"{info.num_train_examples} training examples of {config.data.name!r}.")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else configlib.total_epochs(config) * steps_per_epoch)
+  eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+
+  model = build_model(config, info.num_classes)
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch)
+  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  make_state = lambda key: create_train_state(model, tx, config.data.image_size, key,
+                                              config.ema_decay > 0)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                jax.eval_shape(make_state, init_key))
+  state = jax.jit(make_state, out_shardings=state_sharding)(init_key)
+
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(checkpointing.abstract(state))
+    logging.info("Resumed from step %d in %s", int(state.step), checkpointer.directory)
+  start_step = int(state.step)
+  metadata = _checkpoint_metadata(config, info)
+
+  train_step = jax.jit(make_train_step(model, tx, schedule, config, info.num_classes),
+                       donate_argnums=0, out_shardings=(state_sharding, None))
+  eval_step = jax.jit(make_eval_step(model, config, info.num_classes))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams(_flat(config.to_dict()))
+  batches = input_pipeline.train_batches(
+      config.data, batch_size=local_batch, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  progress = _Progress(total_steps, config.batch_size, start_step)
+  logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d, %d devices.",
+               config.model.name, config.data.name, total_steps, steps_per_epoch,
+               config.batch_size, mesh.devices.size)
+
+  pending: list[dict[str, jax.Array]] = []
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+    pending.append(metrics)
+    last = step == total_steps
+    if step % config.log_every_steps == 0 or last:
+      summary = {k: float(np.mean(v)) for k, v in
+                 jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
+      pending = []
+      _stop_if_not_finite(summary, step, checkpointer)
+      writer.write_scalars(step, summary)
+      logging.info(progress.line(step, summary))
+    if step % eval_every == 0 or last:
+      results = evaluate(eval_step, state, input_pipeline.eval_batches(
+          config.data, batch_size=local_eval_batch, process_index=jax.process_index(),
+          process_count=jax.process_count()), mesh)
+      writer.write_scalars(step, results)
+      logging.info("step %d eval: %s", step,
+                   "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    if step % config.checkpoint_every_steps == 0 or last:
+      checkpointer.save(step, state, metadata)
+  writer.flush()
+  checkpointer.close()
+  return state
+
+
+def _stop_if_not_finite(summary: dict[str, float], step: int,
+                        checkpointer: checkpointing.Checkpointer) -> None:
+  if not all(np.isfinite(v) for v in summary.values()):
+    raise FloatingPointError(
+        f"Non-finite training metrics at step {step}: {summary}. Nothing from this point was "
+        f"saved; the newest good checkpoint is step {checkpointer.latest_step()} in "
+        f"{checkpointer.directory}. Lower optim.lr or set optim.grad_clip_norm, then rerun to "
+        "resume from it.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
