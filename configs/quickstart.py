@@ -24,6 +24,10 @@ def get_config(arg=None):
   config.data.train_crop = "resize_pad_crop"
   config.data.pad = 2
   config.data.hflip = False  # a mirrored 2 is not a 2
+  config.data.randaugment = ""  # no RandAugment, mixup, cutmix or erasing: 8x8 digits
+  config.data.train_interpolation = "bicubic"
+  config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
+  config.augment.erase_prob = 0.0
   config.mean = config.std = (0.5, 0.5, 0.5)
   config.batch_size = config.eval_batch_size = 64
   config.num_epochs = 25

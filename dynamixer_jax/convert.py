@@ -268,3 +268,118 @@ def fresh_head(model: nn.Module, expected: Mapping[tuple[str, ...], tuple[int, .
     kernel = torch_linear_kernel_init()(jax.random.PRNGKey(seed), kernel_shape)
   return {("head", "kernel"): np.asarray(kernel),
           ("head", "bias"): np.zeros(expected[("head", "bias")], np.float32)}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def adapt_mixer_resolution(model: nn.Module, variables: Variables,
+                           image_size: int) -> tuple[nn.Module, Variables]:
+  """An MLP-Mixer for ``image_size``, its token-mixing MLPs grown as the Mixer paper proposes.
+
+  MLP-Mixer paper, appendix C: when the token grid grows by an integer factor K per side
+  (S -> K^2 S tokens), each token-mixing MLP becomes K^2 copies of the original working side by
+  side: the first kernel is block-diagonal with K^2 copies of the (S, D_S) kernel (hidden width
+  D_S -> K^2 D_S), the second likewise, biases tiled. Block b takes the tokens of the b-th
+  spatial K x K sub-grid, so each block sees a sub-image laid out exactly as at the original
+  resolution; with K = 1 the model is unchanged. Channel mixing, stem and head keep their shapes.
+  """
+  if not isinstance(model, models.MlpMixer):
+    raise ValueError("Only an MLP-Mixer can change resolution; a DynaMixer's generate layers are "
+                     f"sized for its token grid (got {type(model).__name__}).")
+  old_size = model.image_size or 224
+  grid, patch = old_size // model.patch_size, model.patch_size
+  factor = image_size / old_size
+  if image_size % patch or factor != int(factor) or factor < 1:
+    raise ValueError(f"image_size={image_size} must be an integer multiple (K >= 1) of the "
+                     f"model's {old_size}, and divisible by the patch size {patch}.")
+  k = int(factor)
+  new_grid = grid * k
+  # Token t = (row, col) of the new grid -> (block, index inside the original grid).
+  rows, cols = np.divmod(np.arange(new_grid * new_grid), new_grid)
+  block = (rows // grid) * k + cols // grid
+  local = (rows % grid) * grid + cols % grid
+  hidden = model.tokens_mlp_dim
+  params = jax.tree.map(np.asarray, _unfreeze(variables)["params"])
+  for name, block_params in params.items():
+    if not name.startswith("MixerBlock_"):
+      continue
+    d0, d1 = block_params["token_mixing"]["Dense_0"], block_params["token_mixing"]["Dense_1"]
+    w0 = np.zeros((new_grid**2, k * k * hidden), d0["kernel"].dtype)
+    w1 = np.zeros((k * k * hidden, new_grid**2), d1["kernel"].dtype)
+    for t in range(new_grid**2):
+      cols_h = slice(block[t] * hidden, (block[t] + 1) * hidden)
+      w0[t, cols_h] = d0["kernel"][local[t]]
+      w1[cols_h, t] = d1["kernel"][:, local[t]]
+    d0["kernel"], d0["bias"] = w0, np.tile(d0["bias"], k * k)
+    d1["kernel"], d1["bias"] = w1, d1["bias"][local]
+  new_model = model.clone(image_size=image_size, tokens_mlp_dim=k * k * hidden)
+  flat = flax.traverse_util.flatten_dict(params)
+  check_params_match(flat, expected_param_shapes(new_model))
+  return new_model, {"params": jax.tree.map(jnp.asarray, params)}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  """``python -m dynamixer_jax.convert SRC OUT`` and ``--to-torch CKPT OUT.pth``."""
+  parser = argparse.ArgumentParser(
+      prog="python -m dynamixer_jax.convert",
+      description="Official weights (DynaMixer .pth, MLP-Mixer .npz) -> our checkpoint folder, "
+                  "or (--to-torch) our DynaMixer checkpoint -> an official PyTorch state dict.",
+      epilog="Examples:\n  python -m dynamixer_jax.convert checkpoint.pth.tar weights/dynamixer_s\n"
+             "  python -m dynamixer_jax.convert --to-torch runs/cifar_finetune dynamixer.pth",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("src", help="official .pth/.npz, or with --to-torch: our checkpoint "
+                      "(train.py workdir, checkpoints folder, step folder or convert output)")
+  parser.add_argument("out", help="output folder (must not exist or be empty), or with "
+                      "--to-torch the .pth file to write")
+  parser.add_argument("--to-torch", action="store_true",
+                      help="write a bare PyTorch state dict (torch.save of {key: tensor}) that "
+                           "the official VisionModel.load_state_dict accepts")
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="replace the head with a fresh one of this many classes")
+  parser.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
+                      help="take the EMA weights when present (default)")
+  parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                      help="take the raw weights even when EMA weights exist")
+  parser.add_argument("--class-names", default=None,
+                      help="text file with one class name per line (default: the ImageNet names "
+                           "for 1000-class weights, else none)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
+  args = parser.parse_args(argv)
+  from dynamixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  if args.to_torch:
+    model, variables, _ = pretrained.load(args.src, use_ema=args.use_ema,
+                                          num_classes=args.num_classes, seed=args.seed)
+    if not isinstance(model, models.DynaMixer):
+      parser.error(f"--to-torch exports DynaMixer weights; {args.src} holds a "
+                   f"{type(model).__name__} (MLP-Mixer weights are already in the official "
+                   "Flax layout: save variables['params'] with np.savez).")
+    import torch  # pylint: disable=g-import-not-at-top
+    state = {k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(variables).items()}
+    torch.save(state, args.out)
+    print(f"Wrote {len(state)} tensors to {args.out} (a bare state dict: "
+          "model.load_state_dict(torch.load(path)) in the official code).")
+    return
+
+  if not args.src.endswith((".pth", ".pth.tar", ".pt", ".tar", ".npz")):
+    parser.error(f"SRC={args.src!r} is neither an official .pth (DynaMixer) nor a .npz "
+                 "(MLP-Mixer); to export our checkpoint to PyTorch add --to-torch.")
+  model, variables, metadata = pretrained.load(args.src, use_ema=args.use_ema,
+                                               num_classes=args.num_classes, seed=args.seed)
+  if args.class_names:
+    with open(args.class_names) as f:
+      names = [line.strip() for line in f if line.strip()]
+    if len(names) != metadata["num_classes"]:
+      parser.error(f"{args.class_names} has {len(names)} names but the model has "
+                   f"{metadata['num_classes']} classes.")
+    metadata["class_names"] = names
+  step_dir = pretrained.save(args.out, variables, metadata)
+  print(f"Wrote {metadata['model']['name']} ({metadata['num_classes']} classes) to {step_dir}.")
+
+
+if __name__ == "__main__":
+  main()

@@ -20,6 +20,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dynamixer_jax import augment
+from dynamixer_jax.configlib import default_data_config  # re-exported: the data defaults
+
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 TRAIN_CROPS = ("random_resized", "resize_pad_crop")
@@ -39,14 +42,6 @@ class DatasetInfo:
   num_train_examples: int
   num_eval_examples: int
   class_names: tuple[str, ...]
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every field the pipeline reads, at ImageNet defaults; configs override what differs."""
-  return ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
-      image_size=224, eval_resize=248, train_crop="random_resized", pad=4, hflip=True,
-      shuffle_buffer=10_000, mock=False, mock_num_examples=64))
 
 
 # --- Sources -------------------------------------------------------------------------------------
@@ -206,6 +201,13 @@ def _check_config(data: ml_collections.ConfigDict) -> None:
   """Settings that would otherwise fail deep inside tf.data, with an unreadable message."""
   if data.train_crop not in TRAIN_CROPS:
     raise ValueError(f"data.train_crop={data.train_crop!r} is not one of {TRAIN_CROPS}.")
+  augment.parse_policy(data.randaugment)  # A malformed policy string fails here.
+  if data.train_interpolation not in augment.INTERPOLATIONS:
+    raise ValueError(f"data.train_interpolation={data.train_interpolation!r} is not one of "
+                     f"{augment.INTERPOLATIONS}.")
+  if data.eval_crop not in ("center", "resize"):
+    raise ValueError(f"data.eval_crop={data.eval_crop!r}: use 'center' (resize the shorter side "
+                     "to eval_resize, center crop) or 'resize' (squash to image_size).")
   if data.eval_resize < data.image_size:
     raise ValueError(f"data.eval_resize={data.eval_resize} is smaller than data.image_size="
                      f"{data.image_size}; the eval center crop needs eval_resize >= image_size.")
@@ -229,31 +231,38 @@ def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
 
 def preprocess_train(image: tf.Tensor, key: tf.Tensor,
                      data: ml_collections.ConfigDict) -> tf.Tensor:
-  """Random crop and horizontal flip of one uint8 (H, W, 3) image, all randomness from ``key``.
+  """Random crop, horizontal flip, then RandAugment (timm's order) of one uint8 (H, W, 3) image.
 
-  ``key`` is a stateless seed (int64, shape [2]) unique to (seed, epoch, example); augment.py
-  extends this function.
+  ``key`` is a stateless seed (int64, shape [2]) unique to (seed, epoch, example); all
+  randomness comes from it.
   """
-  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  crop_key, flip_key, aug_key, interp_key = tf.unstack(
+      tf.random.experimental.stateless_split(key, 4))
   size = data.image_size
+  method = data.train_interpolation
   if data.train_crop == "random_resized":
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_key,
-        min_object_covered=0.0, aspect_ratio_range=RRC_RATIO, area_range=RRC_SCALE, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    image = _resize(tf.slice(image, begin, crop), size, size)
+    shape = tf.shape(image)
+    top, left, h, w = augment.random_resized_crop_box(crop_key, shape[0], shape[1], RRC_SCALE,
+                                                      RRC_RATIO)
+    image = augment.resize(image[top:top + h, left:left + w], size, size, method, interp_key)
   else:
-    image = _resize(image, size, size)
+    image = augment.resize(image, size, size, method, interp_key)
     image = tf.pad(image, [[data.pad, data.pad], [data.pad, data.pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
   if data.hflip:
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+  policy = augment.parse_policy(data.randaugment)
+  if policy is not None:
+    image = augment.rand_augment(tf.ensure_shape(image, [size, size, 3]), aug_key, policy)
   return tf.ensure_shape(image, [size, size, 3])
 
 
 def preprocess_eval(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-  """Resize the shorter side to ``eval_resize``, then center-crop ``image_size``."""
+  """Resize the shorter side to ``eval_resize``, then center-crop ``image_size``; or, with
+  ``eval_crop='resize'`` (the official CIFAR transfer script), resize straight to the size."""
   size = data.image_size
+  if data.eval_crop == "resize":
+    return tf.ensure_shape(_resize(image, size, size), [size, size, 3])
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   hw = tf.maximum(tf.cast(tf.round(hw * data.eval_resize / tf.reduce_min(hw)), tf.int32), size)
   image = _resize(image, hw[0], hw[1])

@@ -71,7 +71,16 @@ def create_optimizer(config: ml_collections.ConfigDict,
     raise ValueError(f"config.optim.name={o.name!r} is not supported; use 'adamw' or 'sgd'.")
   if o.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  if o.get("backbone_lr_mult", 1.0) != 1.0:
+    # Scaling the final update equals a lower lr for those params (momentum and decay included),
+    # as the official transfer script's parameter groups do.
+    tx = optax.chain(tx, optax.masked(optax.scale(o.backbone_lr_mult), backbone_mask))
   return tx, schedule
+
+
+def backbone_mask(params: Any) -> Any:
+  """True for every weight but the classifier head."""
+  return {k: jax.tree.map(lambda _: k != "head", v) for k, v in params.items()}
 
 
 def ema_update(ema_params: Any, params: Any, decay: float) -> Any:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dynamixer_jax import models, optim
+from dynamixer_jax import mixing, models, optim
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -58,12 +58,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     config: ml_collections.ConfigDict, num_classes: int) -> Callable:
   """``(state, batch) -> (state, metrics)``: forward, backward, optimizer and EMA update."""
   train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  augment_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(train_key, state.step)
     images = normalize(batch["image"], config.mean, config.std)
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
-                                  config.label_smoothing)
+    # Mixup / cutmix per chunk, then random erasing; smoothing is folded into the soft targets.
+    images, targets = mixing.augment_batch(
+        jax.random.fold_in(augment_key, state.step), images, batch["label"], num_classes,
+        config.label_smoothing, config.augment)
 
     def loss_fn(params):
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})

@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,6 +76,7 @@ class _Progress:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Train ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
   configlib.validate(config)
+  sharding.initialize_distributed(config.distributed)  # before anything touches a device
   info = input_pipeline.dataset_info(config.data)  # a missing dataset stops here, early
   mesh = sharding.mesh_from_config(config)
   local_batch = sharding.per_process_batch(config.batch_size, mesh)
@@ -92,8 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   make_state = lambda key: create_train_state(model, tx, config.data.image_size, key,
                                               config.ema_decay > 0)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
-                                jax.eval_shape(make_state, init_key))
+  state_sharding = sharding.state_shardings(jax.eval_shape(make_state, init_key), mesh,
+                                            config.partition_rules, config.fsdp_min_size)
   state = jax.jit(make_state, out_shardings=state_sharding)(init_key)
 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -101,6 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if checkpointer.latest_step() is not None:
     state, _ = checkpointer.restore(checkpointing.abstract(state))
     logging.info("Resumed from step %d in %s", int(state.step), checkpointer.directory)
+  elif config.get("init_from"):
+    state = init_from(config.init_from, state)
   start_step = int(state.step)
   metadata = _checkpoint_metadata(config, info)
 
@@ -142,6 +146,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.flush()
   checkpointer.close()
   return state
+
+
+def init_from(path: str, state: TrainState) -> TrainState:
+  """``state`` with the weights of ``path`` (any source ``pretrained.load`` reads), EMA too.
+
+  Every weight whose path and shape match is loaded; the others (a head for another class count)
+  keep their fresh initialisation, and each of them is logged, as is every unused source key.
+  """
+  from dynamixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  _, variables, source = pretrained.load(path, use_ema=True)
+  loaded = flax.traverse_util.flatten_dict(variables["params"])
+  target = flax.traverse_util.flatten_dict(state.params)
+  name = "/".join
+  kept = [f"{name(p)} {tuple(v.shape)}" + (f" (source {tuple(loaded[p].shape)})" if p in loaded
+                                             else " (not in source)")
+          for p, v in target.items() if p not in loaded or loaded[p].shape != v.shape]
+  unused = sorted(name(p) for p in loaded if p not in target)
+  params = flax.traverse_util.unflatten_dict({
+      p: (jax.device_put(jnp.asarray(loaded[p], v.dtype), v.sharding)
+          if p in loaded and loaded[p].shape == v.shape else v) for p, v in target.items()})
+  logging.info("Initialised %d of %d weights from %s.", len(target) - len(kept), len(target),
+               source.get("source", path))
+  for line in kept:
+    logging.warning("init_from: not loaded, freshly initialised: %s", line)
+  for key in unused:
+    logging.warning("init_from: source weight not used by the model: %s", key)
+  ema = params if state.ema_params is not None else None
+  return state.replace(params=params, ema_params=ema)
 
 
 def _stop_if_not_finite(summary: dict[str, float], step: int,

@@ -5,7 +5,7 @@ arguments (``num_classes``, ``drop_path_rate``, ``dtype``, ``image_size``, ...).
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 
@@ -75,7 +75,21 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
   return kwargs
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-  """Build a registered model, e.g. ``create_model('dynamixer_s', num_classes=10)``."""
+def create_model(name: str, pretrained: Optional[str] = None, **overrides: Any) -> Any:
+  """Build a registered model, e.g. ``create_model('dynamixer_s', num_classes=10)``.
+
+  With ``pretrained=PATH`` (our checkpoint or convert output, an official .pth or .npz) it
+  returns ``(model, variables)`` instead: the architecture comes from the weights, EMA weights
+  are taken when present, and a different ``num_classes`` gets a fresh head.
+  """
+  if pretrained is not None:
+    from dynamixer_jax import pretrained as weights  # pylint: disable=g-import-not-at-top
+    model_kwargs(name, **overrides)  # unknown name or argument: the usual error
+    num_classes = overrides.pop("num_classes", None)
+    model, variables, _ = weights.load(pretrained, num_classes=num_classes, **overrides)
+    if not isinstance(model, _REGISTRY[name]):
+      raise ValueError(f"{pretrained!r} holds a {type(model).__name__}, not a "
+                       f"{_REGISTRY[name].__name__} like {name!r}; pick a matching name.")
+    return model, variables
   kwargs = model_kwargs(name, **overrides)
   return _REGISTRY[name](**kwargs)

@@ -1,0 +1,239 @@
+"""Throughput of the real jitted train step (or the inference forward) on synthetic batches.
+
+    python -m dynamixer_jax.benchmark --model dynamixer_s --batch 8 --mode train \
+        --dtype float32 --steps 5 --repeats 3 --json /tmp/bench.json \
+        [--torch-reference DIR [--torch-pythonpath P] [--torch-compile]]
+
+The train step is the one ``train.py`` runs (``steps.make_train_step`` with the optimizer of
+``configlib.base_config()``: AdamW, label smoothing, drop path, EMA), fed uint8 images that it
+normalises on the device. ``--override field=value`` (a JSON value) changes a model argument,
+``--tiny`` selects a small DynaMixer for smoke tests. ``--torch-reference`` times the official
+PyTorch model from a local checkout of github.com/ziyuwwang/DynaMixer in a subprocess
+(``torch_reference.py``) with the same batch and dtype, and prints JAX/torch ratios.
+
+MFU = 3 x forward FLOPs x images/s / peak (the train step is counted as 3 forwards; inference
+as 1). The peak defaults to 989 TFLOP/s (H100 SXM bf16 dense, spec sheet) on a GPU; on other
+backends pass ``--peak-tflops`` or MFU is reported as n/a.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dynamixer_jax import configlib, flops, optim, steps
+
+H100_BF16_DENSE_TFLOPS = 989.0
+# A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
+TINY_OVERRIDES = dict(image_size=32, patch_size=4, num_classes=10, entries=[
+    [1, 16, 2, 2, 3.0, True], [1, 32, 4, 2, 3.0, False]])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="dynamixer_s")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--mode", choices=("train", "infer"), default="train")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
+                 help="a model argument, e.g. --override image_size=32 (repeatable)")
+  p.add_argument("--tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="peak FLOP/s for MFU (default: 989, H100 bf16 dense, on GPU only)")
+  p.add_argument("--json", default=None, metavar="PATH", help="write every field here")
+  p.add_argument("--torch-reference", default=None, metavar="DIR",
+                 help="a local checkout of github.com/ziyuwwang/DynaMixer to compare with")
+  p.add_argument("--torch-pythonpath", default="", metavar="P1:P2",
+                 help="extra sys.path entries for the torch run (e.g. a timm that imports)")
+  p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+  return p.parse_args(argv)
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+  overrides = dict(TINY_OVERRIDES) if args.tiny else {}
+  for item in args.override:
+    field, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--override {item!r}: write FIELD=VALUE, e.g. image_size=32.")
+    try:
+      overrides[field] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[field] = value  # a bare string
+  return overrides
+
+
+def make_config(args: argparse.Namespace, overrides: dict[str, Any]):
+  config = configlib.base_config()
+  config.model.name = args.model
+  config.dtype = args.dtype
+  config.batch_size = args.batch
+  num_classes = overrides.pop("num_classes", 1000)
+  with config.unlocked():
+    for field, value in overrides.items():
+      config.model[field] = value
+  return config, num_classes
+
+
+def peak_memory_bytes(device) -> Optional[int]:
+  stats = device.memory_stats()  # None on the CPU backend
+  if not stats:
+    return None
+  return stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
+
+
+def time_steps(run, n_steps: int, repeats: int, batch: int) -> tuple[list[float], list[float]]:
+  """``run()`` returns a pytree to block on; returns (images/s, seconds/step) per repeat."""
+  rates, times = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = None
+    for _ in range(n_steps):
+      out = run()
+    jax.block_until_ready(out)
+    elapsed = time.perf_counter() - start
+    rates.append(batch * n_steps / elapsed)
+    times.append(elapsed / n_steps)
+  return rates, times
+
+
+def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
+  config, num_classes = make_config(args, model_overrides(args))
+  model = steps.build_model(config, num_classes)
+  size = model.image_size
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch, size, size, 3), np.uint8)),
+           "label": jnp.asarray(rng.integers(0, num_classes, (args.batch,), np.int32))}
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch=1000)
+  state = steps.create_train_state(model, tx, size, jax.random.PRNGKey(config.seed),
+                                   use_ema=config.ema_decay > 0)
+  if state.ema_params is not None:  # its own buffers: the step donates the whole state
+    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  if args.mode == "train":
+    fn = jax.jit(steps.make_train_step(model, tx, schedule, config, num_classes),
+                 donate_argnums=0)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run():
+      holder[0], metrics = compiled(holder[0], batch)
+      return metrics
+  else:
+    def forward(params, images):
+      images = steps.normalize(images, config.mean, config.std)
+      return model.apply({"params": params}, images, train=False)
+    start = time.perf_counter()
+    compiled = jax.jit(forward).lower(state.params, batch["image"]).compile()
+    compile_s = time.perf_counter() - start
+    run = lambda: compiled(state.params, batch["image"])
+
+  for _ in range(args.warmup):
+    jax.block_until_ready(run())
+  rates, times = time_steps(run, args.steps, args.repeats, args.batch)
+
+  device = jax.devices()[0]
+  fwd_flops = flops.forward_flops(model)
+  images_per_s = statistics.median(rates)
+  peak_tflops, peak_source = args.peak_tflops, "--peak-tflops"
+  if peak_tflops is None and device.platform == "gpu":
+    peak_tflops, peak_source = H100_BF16_DENSE_TFLOPS, "H100 SXM bf16 dense spec sheet (default)"
+  passes = 3 if args.mode == "train" else 1
+  achieved = passes * fwd_flops * images_per_s
+  mfu = achieved / (peak_tflops * 1e12) if peak_tflops else None
+  return dict(
+      framework="jax", model=args.model, overrides=model_overrides(args), mode=args.mode,
+      dtype=args.dtype, batch=args.batch, image_size=size, num_classes=num_classes,
+      params=int(n_params), steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+      images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
+      images_per_s_all=rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
+      peak_memory_bytes=peak_memory_bytes(device), forward_flops_per_image=fwd_flops,
+      achieved_tflops=achieved / 1e12, peak_tflops=peak_tflops,
+      peak_source=peak_source if peak_tflops else None, mfu=mfu,
+      backend=jax.default_backend(), device=str(device.device_kind),
+      device_count=jax.device_count(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
+      flax_version=flax.__version__, optax_version=optax.__version__,
+      python_version=platform.python_version())
+
+
+def run_torch_reference(args: argparse.Namespace, compile_: bool) -> dict[str, Any]:
+  """The official model in a subprocess (same interpreter), parsed from its last stdout line."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+  cmd = [sys.executable, script, "--dir", os.path.abspath(args.torch_reference),
+         "--pythonpath", args.torch_pythonpath, "--model", args.model, "--batch", str(args.batch),
+         "--mode", args.mode, "--dtype", args.dtype, "--steps", str(args.steps),
+         "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+  if compile_:
+    cmd.append("--compile")
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f"The torch reference failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+  return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def report(result: dict[str, Any]) -> str:
+  lines = [
+      f"{result['model']} {result['mode']} {result['dtype']} batch {result['batch']} "
+      f"{result['image_size']}px on {result['backend']} ({result['device']}, "
+      f"{result['cpu_count']} CPU cores), jax {result['jax_version']}",
+      f"  images/s        {result['images_per_s']:.2f} (median of {result['repeats']}; "
+      f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
+      f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
+      f"  compile time    {result['compile_time_s']:.1f} s",
+      f"  peak memory     {_fmt(result['peak_memory_bytes'] and result['peak_memory_bytes'] / 2**30, '.2f', ' GiB')}",
+      f"  forward FLOPs   {result['forward_flops_per_image'] / 1e9:.3f} GFLOP/image",
+      f"  achieved        {result['achieved_tflops'] * 1e3:.1f} GFLOP/s",
+      f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
+      + (f" of {result['peak_tflops']} TFLOP/s ({result['peak_source']})"
+         if result["peak_tflops"] else " (no peak: pass --peak-tflops)"),
+  ]
+  for key in ("torch_eager", "torch_compile"):
+    ref = result.get(key)
+    if ref:
+      lines.append(f"  {key:<15} {ref['images_per_s']:.2f} images/s (torch {ref['torch_version']},"
+                   f" {ref['threads']} threads); JAX/torch = {result['ratio_' + key]:.2f}x")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  if args.torch_reference and (args.tiny or args.override):
+    raise SystemExit("--torch-reference runs the official model as registered; drop --tiny and "
+                     "--override.")
+  result = benchmark_jax(args)
+  if args.torch_reference:
+    for key, compile_ in (("torch_eager", False), ("torch_compile", True)):
+      if compile_ and not args.torch_compile:
+        continue
+      ref = run_torch_reference(args, compile_)
+      result[key] = ref
+      result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
+  print(report(result))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
