@@ -5,6 +5,7 @@ field can be overridden with --config.field=value. A workdir that holds checkpoi
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,10 +17,15 @@ flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the console; its warnings still show."""
+  """Keeps orbax's per-save INFO chatter out of the console; its warnings and errors still show,
+  without the tracebacks of its background threads (our own error says what failed and why)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    if not os.environ.get("DYNAMIXER_TRACEBACK"):
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
 
 
 def default_workdir(config_path: str) -> str:
@@ -33,12 +39,29 @@ def main(argv):
   # Imported here so that --help answers without loading jax and tensorflow.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data runs on the host; the GPU is JAX's
-  from dynamixer_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax import checkpointing, preemption, train_lib  # pylint: disable=g-import-not-at-top
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   logging.info("Workdir: %s", os.path.abspath(workdir))
-  train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(e.exit_code)
+  except USER_ERRORS + (checkpointing.CheckpointWriteError,) as e:
+    if os.environ.get("DYNAMIXER_TRACEBACK"):
+      raise
+    # What went wrong and what to do, without a traceback through our code and XLA's.
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"\ntrain.py stopped: {e}\n(DYNAMIXER_TRACEBACK=1 shows the traceback.)",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+# The errors our code raises for bad configs, data, checkpoints and non-finite losses: each
+# message already names the field or file and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError)
 
 
 if __name__ == "__main__":

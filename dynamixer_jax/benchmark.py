@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynamixer_jax import configlib, flops, optim, steps
+from dynamixer_jax import configlib, flops, optim, sharding, steps
 
 H100_BF16_DENSE_TFLOPS = 989.0
 # A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
@@ -52,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                  help="a model argument, e.g. --override image_size=32 (repeatable)")
   p.add_argument("--tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
+  p.add_argument("--grad-accum-steps", type=int, default=1,
+                 help="train as this many micro-batches per step (config.grad_accum_steps)")
+  p.add_argument("--mesh", default="", metavar="AXIS=SIZE,...",
+                 help="shard as train.py does over a device mesh, e.g. data=8 or data=4,fsdp=2 "
+                      "(default: one device, no sharding)")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="peak FLOP/s for MFU (default: 989, H100 bf16 dense, on GPU only)")
   p.add_argument("--json", default=None, metavar="PATH", help="write every field here")
@@ -76,11 +81,19 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
   return overrides
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  try:
+    return {axis: int(size) for axis, size in (item.split("=") for item in text.split(","))}
+  except ValueError:
+    raise SystemExit(f"--mesh {text!r}: write AXIS=SIZE pairs, e.g. data=8 or data=4,fsdp=2.")
+
+
 def make_config(args: argparse.Namespace, overrides: dict[str, Any]):
   config = configlib.base_config()
   config.model.name = args.model
   config.dtype = args.dtype
   config.batch_size = args.batch
+  config.grad_accum_steps = args.grad_accum_steps
   num_classes = overrides.pop("num_classes", 1000)
   with config.unlocked():
     for field, value in overrides.items():
@@ -93,6 +106,15 @@ def peak_memory_bytes(device) -> Optional[int]:
   if not stats:
     return None
   return stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
+
+
+def xla_temp_bytes(compiled) -> Optional[int]:
+  """XLA's planned scratch memory (activations, workspace) of a compiled step; every backend,
+  so the memory levers can be compared on a CPU too."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except (AttributeError, NotImplementedError, TypeError):
+    return None
 
 
 def time_steps(run, n_steps: int, repeats: int, batch: int) -> tuple[list[float], list[float]]:
@@ -123,10 +145,18 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
   if state.ema_params is not None:  # its own buffers: the step donates the whole state
     state = state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  state_sharding = None
+  if args.mesh:
+    mesh = sharding.create_mesh(parse_mesh(args.mesh))
+    state_sharding = sharding.state_shardings(state, mesh, config.partition_rules,
+                                              config.fsdp_min_size)
+    state = jax.device_put(state, state_sharding)
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
 
   if args.mode == "train":
+    placement = dict(out_shardings=(state_sharding, None)) if args.mesh else {}
     fn = jax.jit(steps.make_train_step(model, tx, schedule, config, num_classes),
-                 donate_argnums=0)
+                 donate_argnums=0, **placement)
     start = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -163,7 +193,8 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
       params=int(n_params), steps=args.steps, repeats=args.repeats, warmup=args.warmup,
       images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
       images_per_s_all=rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
-      peak_memory_bytes=peak_memory_bytes(device), forward_flops_per_image=fwd_flops,
+      peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
+      grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None, forward_flops_per_image=fwd_flops,
       achieved_tflops=achieved / 1e12, peak_tflops=peak_tflops,
       peak_source=peak_source if peak_tflops else None, mfu=mfu,
       backend=jax.default_backend(), device=str(device.device_kind),
@@ -195,12 +226,14 @@ def report(result: dict[str, Any]) -> str:
   lines = [
       f"{result['model']} {result['mode']} {result['dtype']} batch {result['batch']} "
       f"{result['image_size']}px on {result['backend']} ({result['device']}, "
-      f"{result['cpu_count']} CPU cores), jax {result['jax_version']}",
+      f"{result['cpu_count']} CPU cores), jax {result['jax_version']}"
+      + (f", mesh {result['mesh']} of {result['device_count']} devices" if result["mesh"] else ""),
       f"  images/s        {result['images_per_s']:.2f} (median of {result['repeats']}; "
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
       f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
       f"  compile time    {result['compile_time_s']:.1f} s",
       f"  peak memory     {_fmt(result['peak_memory_bytes'] and result['peak_memory_bytes'] / 2**30, '.2f', ' GiB')}",
+      f"  XLA temp memory {_fmt(result['xla_temp_bytes'] and result['xla_temp_bytes'] / 2**30, '.2f', ' GiB')}",
       f"  forward FLOPs   {result['forward_flops_per_image'] / 1e9:.3f} GFLOP/image",
       f"  achieved        {result['achieved_tflops'] * 1e3:.1f} GFLOP/s",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"

@@ -1,34 +1,167 @@
-"""Checkpoints that resume by themselves: orbax, keep the newest N, JSON metadata beside each.
+"""Checkpoints that resume by themselves and survive crashes, corruption and full disks.
 
 Each step directory holds ``state`` (the train state, saved shard by shard and restorable onto
-any mesh) and ``metadata`` (a small JSON: model name and arguments, classes, preprocessing),
-so a checkpoint can be used without knowing the config that made it.
+any mesh) and ``metadata`` (a small JSON: model name and arguments, classes, preprocessing, the
+run's config), so a checkpoint can be used without knowing the config that made it.
+
+Guarantees (README "Failures and recovery"):
+- Atomic steps: orbax writes a step into a temporary directory and renames it when complete, so
+  a process killed mid-save leaves the previous steps intact; unfinished ones are ignored.
+- A failed write (no space, no permission) is logged and counted, not raised: training goes on
+  and the next interval retries. ``max_failures`` failures in a row stop the run. The partial
+  directory of a failed step is left to orbax, which removes it at the next start (other
+  writers of that step may still be running when the failure is seen).
+- ``restore_newest_good`` skips (and moves aside) a step that cannot be read, and refuses a
+  checkpoint of another model with the differing weight names and shapes.
 """
 
+import errno
 import os
+import time
 from typing import Any, Optional
 
+import flax
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from dynamixer_jax import faults
+
+
+class CheckpointWriteError(RuntimeError):
+  """Checkpoints could not be written (several times in a row, or the one that had to be)."""
+
+
+class _MetadataHandler(ocp.JsonCheckpointHandler):
+  """orbax's JSON item, plus the test-only fault points of ``faults.py``.
+
+  The metadata is written inside the step's temporary directory, with the state, before the
+  step is committed: a fault here is a fault in the middle of a save.
+  """
+
+  step = -1
+  marker_dir = "."
+
+  async def _save_fn(self, x, directory):
+    if faults.active("save_enospc", self.step):
+      raise OSError(errno.ENOSPC, f"No space left on device (injected by {faults.ENV})")
+    if faults.active("save_pause", self.step):
+      with open(os.path.join(self.marker_dir, f"fault_paused_at_{self.step}"), "w") as f:
+        f.write(str(directory))
+      while True:  # until the test kills the process
+        time.sleep(0.1)
+    await super()._save_fn(x, directory)
 
 
 class Checkpointer:
-  """Saves every call to ``save`` (asynchronously) and restores the newest step."""
+  """Saves every call to ``save`` (asynchronously) and restores the newest readable step."""
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3, max_failures: int = 3):
     self.directory = os.path.abspath(directory)
+    self.max_failures = max_failures
+    self.failures = 0  # failed writes in a row
+    self._pending: Optional[int] = None  # the step being written in the background
+    self._metadata_handler = _MetadataHandler()
+    self._metadata_handler.marker_dir = os.path.dirname(self.directory)  # the workdir
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args, ocp.StandardCheckpointHandler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("metadata", args, self._metadata_handler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "metadata"))
+                                          handler_registry=registry)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
-    """Start writing ``state`` at ``step``; returns before the write ends (see ``wait``)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)), force=True)
+    """Start writing ``state`` at ``step``; returns before the write ends (see ``wait``).
+
+    A failure of this write or of the previous one is logged and counted; ``max_failures`` in
+    a row raise ``CheckpointWriteError``.
+    """
+    self._settle()
+    self._metadata_handler.step = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._record_failure(step, e)
+      return
+    self._pending = step
+
+  def save_now(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
+    """Write ``step`` and wait for it: for the last step and preemption, which cannot retry."""
+    failures = self.failures
+    self.save(step, state, metadata)
+    self._settle()
+    if self.failures > failures or step not in self.all_steps():
+      raise CheckpointWriteError(
+          f"The checkpoint of step {step} could not be written to {self.directory} (see the "
+          f"error above). The newest good checkpoint is step {self._newest_good()}; free disk "
+          "space or fix permissions, then rerun the same command to resume from it.")
+
+  def wait(self) -> None:
+    """Block until the background write is done (and account for its outcome)."""
+    self._settle()
+
+  def close(self) -> None:
+    self._settle()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: finish the background writes quietly, keep the first error
+      self._pending = None
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("While stopping, the checkpoint writer also failed: %s", e)
+
+  def _settle(self) -> None:
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      if step not in self._manager.all_steps():
+        raise OSError(f"step {step} is not among the committed checkpoints after its write")
+    except Exception as e:  # pylint: disable=broad-except
+      self._record_failure(step, e)
+      return
+    self.failures = 0
+
+  def _record_failure(self, step: int, error: Exception) -> None:
+    self.failures += 1
+    self._manager.reload()  # forget the half-written step
+    logging.error(
+        "CHECKPOINT NOT SAVED: writing step %d to %s failed: %s: %s. Training goes on; the "
+        "newest good checkpoint (step %s) is intact and the save is retried at the next "
+        "interval (%d of %d failures in a row allowed). Free disk space or fix permissions.",
+        step, self.directory, type(error).__name__, error, self._newest_good(), self.failures,
+        self.max_failures)
+    if self.failures >= self.max_failures:
+      raise CheckpointWriteError(
+          f"{self.failures} checkpoint writes in a row failed (the last: step {step} to "
+          f"{self.directory}: {type(error).__name__}: {error}). Stopping rather than training "
+          f"on without checkpoints. The newest good checkpoint is step {self._newest_good()}; "
+          "free disk space or fix permissions, then rerun the same command to resume.")
+
+  def _newest_good(self) -> Optional[int]:
+    steps = [s for s in self._manager.all_steps() if s != self._pending]
+    return max(steps) if steps else None
+
+  # ------------------------------------------------------------------------- restoring
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """The state at ``step`` (default: newest), laid out as ``abstract_state``'s shardings."""
@@ -37,12 +170,87 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
     return restored["state"], restored["metadata"]
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def metadata(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))["metadata"]
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def restore_newest_good(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+    """``(state, metadata)`` of the newest step that reads back, or None if there is none.
+
+    A step that cannot be read (truncated, corrupted) is reported and moved to
+    ``<directory>.corrupt/`` so that later saves can reuse its number, and the next older step
+    is tried. A step whose weights do not fit ``abstract_state`` is not corrupt but foreign:
+    that raises ``ValueError`` naming the differences, since an older step will not fit either.
+    """
+    skipped = []
+    for step in reversed(self.all_steps()):
+      try:
+        saved_tree = self._manager.item_metadata(step)["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      else:
+        check_fits(saved_tree, abstract_state, step, self.directory)  # foreign: raises
+        try:
+          return self.restore(abstract_state, step)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      logging.error("Checkpoint step %d in %s cannot be read (%s: %s); skipping it for the "
+                    "next older one.", step, self.directory, type(error).__name__,
+                    str(error)[:500])
+      skipped.append(step)
+      self._quarantine(step)
+    if skipped:
+      logging.error("No readable checkpoint in %s (unreadable steps %s were moved to %s.corrupt);"
+                    " starting from scratch.", self.directory, skipped, self.directory)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_index() == 0:
+      target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), target)
+      logging.error("Moved the unreadable checkpoint step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"dynamixer_quarantine_{step}")
+    self._manager.reload()
+
+
+def check_fits(saved_tree: Any, abstract_state: Any, step: int, directory: str) -> None:
+  """Refuse a checkpoint whose parameters differ from the model's, naming keys and shapes."""
+  saved = _flat_shapes(_get(saved_tree, "params"))
+  wanted = _flat_shapes(_get(abstract_state, "params"))
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  if not (missing or extra or differ):
+    return
+  lines = [f"Checkpoint step {step} in {directory} does not fit the model:"]
+  for title, keys, show in (
+      ("in the model, not in the checkpoint", missing, lambda k: f"{k} {wanted[k]}"),
+      ("in the checkpoint, not in the model", extra, lambda k: f"{k} {saved[k]}"),
+      ("shapes differ (checkpoint vs model)", differ, lambda k: f"{k} {saved[k]} vs {wanted[k]}")):
+    if keys:
+      lines.append(f"  {len(keys)} {title}: " + ", ".join(show(k) for k in keys[:10])
+                   + (", ..." if len(keys) > 10 else ""))
+  lines.append("It was written by a run of another model. Use a fresh --workdir, or start from "
+               "its weights with --config.init_from=<its step folder>.")
+  raise ValueError("\n".join(lines))
+
+
+def _get(tree: Any, name: str) -> Any:
+  return tree[name] if hasattr(tree, "keys") else getattr(tree, name)  # orbax's is a Mapping
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  flat = flax.traverse_util.flatten_dict(_as_dict(tree))
+  return {"/".join(map(str, k)): tuple(v.shape) for k, v in flat.items()}
+
+
+def _as_dict(tree: Any) -> Any:
+  if hasattr(tree, "keys"):
+    return {k: _as_dict(tree[k]) for k in tree.keys()}
+  return tree
 
 
 def read_metadata(directory: str, step: Optional[int] = None) -> dict[str, Any]:

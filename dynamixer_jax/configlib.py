@@ -4,9 +4,14 @@ Config files in ``configs/`` start from ``base_config()`` and change what their 
 result is locked, so a mistyped ``--config.field=value`` fails loudly.
 """
 
+import json
+import math
+import re
+from typing import Any, NoReturn, Sequence
+
 import ml_collections
 
-from dynamixer_jax import mixing, models
+from dynamixer_jax import mixing, models, optim, sharding
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -30,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
   # create_model(model.name, **other fields of model); num_classes comes from the dataset.
-  c.model = ml_collections.ConfigDict(dict(name="dynamixer_s", drop_path_rate=0.1))
+  c.model = ml_collections.ConfigDict(dict(name="dynamixer_s", drop_path_rate=0.1, remat=False))
   c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   c.data = default_data_config()
   c.mean = (0.485, 0.456, 0.406)  # normalisation on device, images arrive as uint8
@@ -44,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 2048
   c.num_epochs = 300  # length of the cosine (timm --epochs); cooldown epochs come after
   c.num_train_steps = -1  # > 0: stop after this many steps instead (smoke tests)
+  # Memory levers (README "Scaling out"): k > 1 computes each global batch as k micro-batches
+  # (the same update); model.remat = True recomputes block activations in the backward pass.
+  c.grad_accum_steps = 1
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
@@ -69,7 +77,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.max_checkpoint_failures = 3  # failed saves in a row before the run stops
+  # Resume even if the workdir's run used another model, dataset, seed, global batch or
+  # optimizer (RESUME_FIELDS); the mesh, epochs and eval/log cadence may always change.
+  c.force_resume = False
   return c
+
+
+# What makes a workdir "the same run": resuming with other values is refused (README "Failures
+# and recovery") unless config.force_resume. model.remat only changes how it is computed.
+RESUME_FIELDS = ("model", "data.name", "seed", "batch_size", "optim")
+RESUME_IGNORED = ("model.remat",)
+
+
+def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """``field: saved -> now`` for each RESUME_FIELDS value that differs from the saved run's."""
+  def flat(tree, prefix):
+    if isinstance(tree, dict):
+      return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+
+  now = config.to_dict()
+  diffs = []
+  for field in RESUME_FIELDS:
+    old, new = saved, now
+    for part in field.split("."):
+      old = old.get(part) if isinstance(old, dict) else None
+      new = new.get(part) if isinstance(new, dict) else None
+    old, new = flat(old, field), flat(json.loads(json.dumps(new, default=str)), field)
+    for key in sorted(set(old) | set(new)):
+      if key not in RESUME_IGNORED and old.get(key) != new.get(key):
+        diffs.append(f"config.{key}: {old.get(key)!r} in the saved run, {new.get(key)!r} now")
+  return diffs
 
 
 def total_epochs(config: ml_collections.ConfigDict) -> int:
@@ -77,41 +116,212 @@ def total_epochs(config: ml_collections.ConfigDict) -> int:
   return config.num_epochs + config.schedule.cooldown_epochs
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Refuse a config that cannot work, naming the field, before anything compiles."""
-  def fail(field, value, allowed):
-    raise ValueError(f"config.{field}={value!r} is invalid: {allowed}.")
+# --- Validation ----------------------------------------------------------------------------------
 
-  kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  models.model_kwargs(config.model.name, **kwargs)  # unknown model / argument: lists valid ones
-  if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-    fail("dtype", config.dtype, "use 'auto', 'float32', 'bfloat16' or 'float16'")
-  for field in ("batch_size", "eval_batch_size", "num_epochs"):
-    if not isinstance(config[field], int) or config[field] <= 0:
-      fail(field, config[field], "it must be a positive integer")
-  if not config.optim.lr > 0:
-    fail("optim.lr", config.optim.lr, "the learning rate must be positive")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRAIN_CROPS = ("random_resized", "resize_pad_crop")
+INTERPOLATIONS = ("random", "bicubic", "bilinear")  # as augment.INTERPOLATIONS (a TF module)
+EVAL_CROPS = ("center", "resize")
+CPU_COLLECTIVES = ("", "gloo", "mpi")
+
+
+def _fail(field: str, value: Any, allowed: str) -> NoReturn:
+  raise ValueError(f"config.{field}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Rules: (predicate, what is allowed). ``_check(config, rule, *fields)`` applies one to fields.
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "it must be a positive integer")
+_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "use an integer >= 0")
+_POSITIVE = (lambda v: _is_number(v) and v > 0, "use a number > 0")
+_NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "use a number >= 0 (0 = off)")
+_FRACTION = (lambda v: _is_number(v) and 0 <= v < 1, "use a number in [0, 1)")
+_PROBABILITY = (lambda v: _is_number(v) and 0 <= v <= 1, "a probability must lie in [0, 1]")
+_BOOL = (lambda v: isinstance(v, bool), "use True or False")
+_STRING = (lambda v: isinstance(v, str), "use a string")
+
+
+def _check(config: ml_collections.ConfigDict, rule: tuple, *fields: str) -> None:
+  ok, allowed = rule
+  for field in fields:
+    if not ok(config[field]):
+      _fail(field, config[field], allowed)
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, options: Sequence[Any]) -> None:
+  if config[field] not in options:
+    _fail(field, config[field], "use one of " + ", ".join(map(repr, options)))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuse a config that cannot work, naming the field and the allowed values, before anything
+  compiles or loads.
+
+  Needs no TensorFlow and no data. What does is checked next, by ``input_pipeline.dataset_info``
+  (the dataset name, the RandAugment policy, the image folder), and whether the mesh fits the
+  devices by ``sharding.create_mesh``.
+  """
+  _check_batches(config)
+  _check_optimizer(config)
+  _check_augment(config)
+  _check_data(config)
+  _check_mesh(config)
+  _check_model(config)
+  _check(config, _POSITIVE_INT, "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+         "max_checkpoint_failures")
+  _check(config, _POSITIVE, "eval_every_epochs")
+  _check(config, _BOOL, "force_resume")
+  _check(config, _STRING, "init_from")
+
+
+def _check_batches(config: ml_collections.ConfigDict) -> None:
+  if not (_is_int(config.seed) and 0 <= config.seed < 2**32):
+    _fail("seed", config.seed, "use an integer in [0, 2**32)")
+  _check_choice(config, "dtype", DTYPES)
+  _check(config, _POSITIVE_INT, "batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps")
+  steps = config.num_train_steps
+  if not (_is_int(steps) and (steps == -1 or steps > 0)):
+    _fail("num_train_steps", config.num_train_steps,
+          "use -1 (train num_epochs) or a positive number of steps")
+  if config.batch_size % config.grad_accum_steps:
+    _fail("grad_accum_steps", config.grad_accum_steps,
+          f"it must divide batch_size={config.batch_size}")
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, "optim.name", optim.OPTIMIZERS)
+  if not (_is_number(config.optim.lr) and config.optim.lr > 0):
+    _fail("optim.lr", config.optim.lr, "the learning rate must be a positive number")
+  _check(config, _FRACTION, "optim.b1", "optim.b2", "optim.momentum", "label_smoothing")
+  _check(config, _POSITIVE, "optim.eps")
+  _check(config, _NON_NEGATIVE, "optim.weight_decay", "optim.grad_clip_norm",
+         "optim.backbone_lr_mult", "schedule.warmup_epochs", "schedule.warmup_lr",
+         "schedule.min_lr")
+  _check(config, _BOOL, "optim.nesterov", "optim.decay_matrices_only", "schedule.per_epoch")
+  _check_choice(config, "schedule.name", optim.SCHEDULES)
+  _check(config, _NON_NEGATIVE_INT, "schedule.cooldown_epochs")
   if config.schedule.warmup_epochs >= config.num_epochs:
-    fail("schedule.warmup_epochs", config.schedule.warmup_epochs,
-         f"warmup must be shorter than num_epochs={config.num_epochs}")
-  if not 0 <= config.ema_decay < 1:
-    fail("ema_decay", config.ema_decay, "use a value in [0, 1); 0 turns EMA off")
-  if len(config.mean) != 3 or len(config.std) != 3:
-    fail("mean/std", (config.mean, config.std), "give three values each (RGB)")
+    _fail("schedule.warmup_epochs", config.schedule.warmup_epochs,
+          f"warmup must be shorter than num_epochs={config.num_epochs}")
+  if not (_is_number(config.ema_decay) and 0 <= config.ema_decay < 1):
+    _fail("ema_decay", config.ema_decay, "use a value in [0, 1); 0 turns EMA off")
+
+
+def _check_augment(config: ml_collections.ConfigDict) -> None:
+  for field in ("mean", "std"):
+    values = config[field]
+    if (not isinstance(values, (tuple, list)) or len(values) != 3
+        or not all(_is_number(v) for v in values) or field == "std" and min(values) <= 0):
+      _fail(field, values, "give three numbers (R, G, B, for pixels in 0..1); std > 0")
   aug = config.augment
-  for field in ("switch_prob", "mix_prob", "erase_prob"):
-    if not 0 <= aug[field] <= 1:
-      fail(f"augment.{field}", aug[field], "a probability must lie in [0, 1]")
-  if aug.erase_mode not in mixing.ERASE_MODES:
-    fail("augment.erase_mode", aug.erase_mode, f"use one of {mixing.ERASE_MODES}")
+  _check(config, _PROBABILITY, "augment.switch_prob", "augment.mix_prob", "augment.erase_prob")
+  _check(config, _NON_NEGATIVE, "augment.mixup_alpha", "augment.cutmix_alpha")
+  _check_choice(config, "augment.erase_mode", mixing.ERASE_MODES)
   mixing_on = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
-  if mixing_on and (aug.chunk_size <= 0 or config.batch_size % min(aug.chunk_size,
-                                                                   config.batch_size)):
-    fail("augment.chunk_size", aug.chunk_size,
-         f"mixup/cutmix chunks must divide batch_size={config.batch_size}; pick a divisor "
-         "(the official per-GPU batch) or set augment.mixup_alpha = augment.cutmix_alpha = 0")
-  if config.data.train_interpolation not in ("random", "bicubic", "bilinear"):
-    fail("data.train_interpolation", config.data.train_interpolation,
-         "use 'random', 'bicubic' or 'bilinear'")
-  if config.data.eval_crop not in ("center", "resize"):
-    fail("data.eval_crop", config.data.eval_crop, "use 'center' or 'resize'")
+  if mixing_on and (not _is_int(aug.chunk_size) or aug.chunk_size <= 0
+                    or config.batch_size % min(aug.chunk_size, config.batch_size)):
+    _fail("augment.chunk_size", aug.chunk_size,
+          f"mixup/cutmix chunks must divide batch_size={config.batch_size}; pick a divisor "
+          "(the official per-GPU batch) or set augment.mixup_alpha = augment.cutmix_alpha = 0")
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  data = config.data
+  for field in ("data.name", "data.train_split", "data.eval_split"):
+    if not (isinstance(config[field], str) and config[field]):
+      _fail(field, config[field], "use a non-empty string")
+  if data.name == "folder" and not data.data_dir:
+    _fail("data.data_dir", data.data_dir, "data.name='folder' needs the root folder that holds "
+          "train/<class>/ and val/<class>/")
+  if data.data_dir is not None and not isinstance(data.data_dir, str):
+    _fail("data.data_dir", data.data_dir, "use a path, or None for the TFDS default")
+  _check(config, _POSITIVE_INT, "data.image_size", "data.shuffle_buffer", "data.mock_num_examples")
+  _check(config, _NON_NEGATIVE_INT, "data.pad")
+  _check(config, _BOOL, "data.hflip", "data.mock")
+  _check(config, _STRING, "data.randaugment")  # parsed by input_pipeline.dataset_info
+  if not (_is_int(data.eval_resize) and data.eval_resize >= data.image_size):
+    _fail("data.eval_resize", data.eval_resize,
+          f"use an integer >= data.image_size={data.image_size} (the eval center crop)")
+  _check_choice(config, "data.train_crop", TRAIN_CROPS)
+  _check_choice(config, "data.train_interpolation", INTERPOLATIONS)
+  _check_choice(config, "data.eval_crop", EVAL_CROPS)
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+  """Sizes, rules and multi-host settings; the device count itself is known only at run time."""
+  sizes = dict(config.mesh)
+  if not sizes or any(not _is_int(s) or (s < 1 and s != -1) for s in sizes.values()) or (
+      list(sizes.values()).count(-1) > 1):
+    _fail("mesh", sizes, "give axis=size pairs, sizes positive integers with at most one -1 (all "
+          "remaining devices), e.g. dict(data=-1, fsdp=1)")
+  known = math.prod(s for s in sizes.values() if s > 0)
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % known:
+      _fail(field, config[field], f"config.mesh={sizes} splits each batch over a multiple of "
+            f"{known} devices; use a multiple of {known}")
+  if -1 not in sizes.values() and (config.batch_size // known) % config.grad_accum_steps:
+    _fail("grad_accum_steps", config.grad_accum_steps, f"it must divide the batch of each device "
+          f"(batch_size={config.batch_size} over {known} devices)")
+  rules = config.partition_rules
+  for i, rule in enumerate(rules if isinstance(rules, (tuple, list)) else [rules]):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and rule[1] in sharding.PARTITION_RULES):
+      _fail(f"partition_rules[{i}]", rule, "use (path regex, rule) with rule one of "
+            f"{sharding.PARTITION_RULES}, e.g. ('.*', 'fsdp')")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      _fail(f"partition_rules[{i}]", rule, f"{rule[0]!r} is not a regular expression ({e})")
+  _check(config, _NON_NEGATIVE_INT, "fsdp_min_size", "distributed.num_processes")
+  _check_choice(config, "distributed.mode", sharding.DISTRIBUTED_MODES)
+  _check_choice(config, "distributed.cpu_collectives", CPU_COLLECTIVES)
+  _check(config, _STRING, "distributed.coordinator_address")
+  _check(config, _POSITIVE, "distributed.timeout_s")
+  dist = config.distributed
+  if not (_is_int(dist.process_id) and -1 <= dist.process_id
+          and (dist.num_processes == 0 or dist.process_id < dist.num_processes)):
+    _fail("distributed.process_id", dist.process_id,
+          "use -1 (auto-detect) or an index below distributed.num_processes")
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """The model's own arguments, and that its patches, segments and transitions fit the image."""
+  name = config.model.name
+  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  try:
+    full = models.model_kwargs(name, **kwargs)
+  except (TypeError, ValueError) as e:  # unknown model or argument: lists the valid ones
+    raise ValueError(f"config.model is invalid: {e}") from None
+  _check(config, _FRACTION, *(f"model.{k}" for k in ("drop_path_rate",) if k in kwargs))
+  _check(config, _BOOL, *(f"model.{k}" for k in ("remat",) if k in kwargs))
+  for field in ("image_size", "patch_size"):
+    if field in kwargs and not (kwargs[field] is None and field == "image_size"):
+      _check(config, _POSITIVE_INT, f"model.{field}")
+  size = config.data.image_size
+  if full.get("image_size") not in (None, size):
+    _fail("data.image_size", size, f"model {name!r} is built for {full['image_size']}x"
+          f"{full['image_size']} images (config.model.image_size); use the same size for both")
+  module = models.create_model(name, **kwargs)
+  if isinstance(module, models.DynaMixer):
+    for i, entry in enumerate(module.entries):
+      if not (all(_is_int(v) and v > 0 for v in entry[:4]) and entry.mlp_ratio > 0):
+        _fail(f"model.entries[{i}]", tuple(entry), "depth, width, segments, reduced_dim must "
+              "be positive integers and mlp_ratio positive")
+      if entry.width % entry.segments:
+        _fail(f"model.entries[{i}]", tuple(entry),
+              f"segments={entry.segments} must divide width={entry.width}")
+    try:
+      module.token_grids()
+    except ValueError as e:
+      _fail("data.image_size", size, f"{name} with patch_size={module.patch_size} cannot take "
+            f"it: {e} Change data.image_size (and model.image_size) or model.patch_size")
+  elif size % full["patch_size"]:
+    _fail("data.image_size", size,
+          f"it must be divisible by the patch size of {name!r} ({full['patch_size']})")

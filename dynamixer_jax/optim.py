@@ -16,6 +16,8 @@ import ml_collections
 import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
+OPTIMIZERS = ("adamw", "sgd")  # config.optim.name
+SCHEDULES = ("cosine", "constant")  # config.schedule.name
 
 
 def learning_rate_at_epoch(epoch: Any, *, lr: float, num_epochs: int, warmup_epochs: float,
@@ -34,8 +36,7 @@ def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
   if s.name == "constant":
     return optax.constant_schedule(config.optim.lr)
   if s.name != "cosine":
-    raise ValueError(f"config.schedule.name={s.name!r} is not supported; use 'cosine' or "
-                     "'constant'.")
+    raise ValueError(f"config.schedule.name={s.name!r} is not supported; use one of {SCHEDULES}.")
 
   def schedule(step):
     epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
@@ -68,7 +69,7 @@ def create_optimizer(config: ml_collections.ConfigDict,
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=mask),
                      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
   else:
-    raise ValueError(f"config.optim.name={o.name!r} is not supported; use 'adamw' or 'sgd'.")
+    raise ValueError(f"config.optim.name={o.name!r} is not supported; use one of {OPTIMIZERS}.")
   if o.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   if o.get("backbone_lr_mult", 1.0) != 1.0:

@@ -18,6 +18,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+PARTITION_RULES = ("fsdp", "replicate")  # the rule of a config.partition_rules entry
+DISTRIBUTED_MODES = ("auto", "on", "off")  # config.distributed.mode
+
 
 def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
   """Join the other processes of a multi-host job through JAX's own distributed runtime.
@@ -30,8 +33,8 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
   if dist.mode == "off" or (dist.mode == "auto" and not dist.coordinator_address
                             and slurm_tasks <= 1):
     return
-  if dist.mode not in ("on", "auto"):
-    raise ValueError(f"config.distributed.mode={dist.mode!r}: use 'auto', 'on' or 'off'.")
+  if dist.mode not in DISTRIBUTED_MODES:
+    raise ValueError(f"config.distributed.mode={dist.mode!r}: use one of {DISTRIBUTED_MODES}.")
   if dist.cpu_collectives:  # e.g. 'gloo', for several CPU processes on one machine
     jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
   explicit = dict(coordinator_address=dist.coordinator_address or None,
@@ -92,8 +95,8 @@ def leaf_spec(shape: Sequence[int], mesh: Mesh, rule: str, min_size: int) -> P:
   fsdp = dict(mesh.shape).get("fsdp", 1)
   if rule == "replicate" or fsdp == 1 or math.prod(shape) < min_size:
     return P()
-  if rule != "fsdp":
-    raise ValueError(f"Unknown partition rule {rule!r}: use 'fsdp' or 'replicate'.")
+  if rule not in PARTITION_RULES:
+    raise ValueError(f"Unknown partition rule {rule!r}: use one of {PARTITION_RULES}.")
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp == 0:
       return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])

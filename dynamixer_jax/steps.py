@@ -56,24 +56,54 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
                     config: ml_collections.ConfigDict, num_classes: int) -> Callable:
-  """``(state, batch) -> (state, metrics)``: forward, backward, optimizer and EMA update."""
+  """``(state, batch) -> (state, metrics)``: forward, backward, optimizer and EMA update.
+
+  With ``config.grad_accum_steps = k > 1`` the global batch is processed as k micro-batches in
+  sequence (``lax.scan``) and their mean gradient makes one update: the update of the full
+  batch (tested) with about 1/k of the activation memory. Micro-batch ``i`` takes every k-th
+  example, so each device keeps working on its own rows; stochastic-depth masks are drawn per
+  micro-batch.
+  """
   train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   augment_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  accum = config.get("grad_accum_steps", 1)
+
+  def loss_fn(params, images, targets, key):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, images, targets, key):
+    def split(x):  # (B, ...) -> (k, B/k, ...); micro-batch i holds rows i, i+k, i+2k, ...
+      return jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0)
+
+    def micro_step(grad_sum, micro):
+      index, images, targets = micro
+      (loss, logits), grads = grad_fn(params, images, targets, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (losses, logits) = jax.lax.scan(
+        micro_step, zeros, (jnp.arange(accum), split(images), split(targets)))
+    logits = jnp.moveaxis(logits, 0, 1).reshape(images.shape[0], -1)  # back to batch order
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    return (jnp.mean(losses), logits), grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(train_key, state.step)
     images = normalize(batch["image"], config.mean, config.std)
     # Mixup / cutmix per chunk, then random erasing; smoothing is folded into the soft targets.
+    # This runs on the whole global batch, so accumulation does not change the augmentation.
     images, targets = mixing.augment_batch(
         jax.random.fold_in(augment_key, state.step), images, batch["label"], num_classes,
         config.label_smoothing, config.augment)
 
-    def loss_fn(params):
-      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
-      logits = logits.astype(jnp.float32)
-      return optax.softmax_cross_entropy(logits, targets).mean(), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if accum > 1:
+      (loss, logits), grads = accumulated(state.params, images, targets, key)
+    else:
+      (loss, logits), grads = grad_fn(state.params, images, targets, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params

@@ -6,9 +6,10 @@ checkpoints). Randomness is stateless (the step's key is ``fold_in(seed key, ste
 order is keyed by seed, epoch and index), so a resumed run continues the same streams.
 """
 
+import json
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import jax
@@ -18,16 +19,20 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from dynamixer_jax import checkpointing, configlib, input_pipeline, models, optim, sharding
+from dynamixer_jax import (checkpointing, configlib, input_pipeline, models, optim, preemption,
+                          sharding)
 from dynamixer_jax.steps import (TrainState, build_model, create_train_state, make_eval_step,
                                  make_train_step)
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
-             mesh) -> dict[str, float]:
-  """Top-1/top-5 accuracy and loss over one pass of padded eval batches."""
+             mesh, abort: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
+  """Top-1/top-5 accuracy and loss over one pass of padded eval batches (None if ``abort()``
+  turns True on the way: a preempted job saves its checkpoint first)."""
   totals = None
   for batch in batches:
+    if abort():
+      return None
     sums = eval_step(state, sharding.to_global(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -81,6 +86,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = sharding.mesh_from_config(config)
   local_batch = sharding.per_process_batch(config.batch_size, mesh)
   local_eval_batch = sharding.per_process_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  if (config.batch_size // mesh.devices.size) % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the batch of "
+                     f"each device ({config.batch_size} / {mesh.devices.size} devices); pick a "
+                     "divisor of it, or a larger batch_size.")
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
@@ -98,54 +107,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                             config.partition_rules, config.fsdp_min_size)
   state = jax.jit(make_state, out_shardings=state_sharding)(init_key)
 
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=config.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(checkpointing.abstract(state))
-    logging.info("Resumed from step %d in %s", int(state.step), checkpointer.directory)
-  elif config.get("init_from"):
-    state = init_from(config.init_from, state)
-  start_step = int(state.step)
-  metadata = _checkpoint_metadata(config, info)
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep=config.keep_checkpoints,
+                                  max_failures=config.max_checkpoint_failures) as checkpointer:
+    _check_same_run(checkpointer, config)
+    restored = checkpointer.restore_newest_good(checkpointing.abstract(state))
+    if restored is not None:
+      state = restored[0]
+      logging.info("Resumed from step %d in %s", int(state.step), checkpointer.directory)
+    elif config.get("init_from"):
+      state = init_from(config.init_from, state)
+    start_step = int(state.step)
+    metadata = _checkpoint_metadata(config, info)
 
-  train_step = jax.jit(make_train_step(model, tx, schedule, config, info.num_classes),
-                       donate_argnums=0, out_shardings=(state_sharding, None))
-  eval_step = jax.jit(make_eval_step(model, config, info.num_classes))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
-    writer.write_hparams(_flat(config.to_dict()))
-  batches = input_pipeline.train_batches(
-      config.data, batch_size=local_batch, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  progress = _Progress(total_steps, config.batch_size, start_step)
-  logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d, %d devices.",
-               config.model.name, config.data.name, total_steps, steps_per_epoch,
-               config.batch_size, mesh.devices.size)
+    train_step = jax.jit(make_train_step(model, tx, schedule, config, info.num_classes),
+                         donate_argnums=0, out_shardings=(state_sharding, None))
+    eval_step = jax.jit(make_eval_step(model, config, info.num_classes))
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start_step == 0:
+      writer.write_hparams(_flat(config.to_dict()))
+    batches = input_pipeline.train_batches(
+        config.data, batch_size=local_batch, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    progress = _Progress(total_steps, config.batch_size, start_step)
+    logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d, %d devices.",
+                 config.model.name, config.data.name, total_steps, steps_per_epoch,
+                 config.batch_size, mesh.devices.size)
 
-  pending: list[dict[str, jax.Array]] = []
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
-    pending.append(metrics)
-    last = step == total_steps
-    if step % config.log_every_steps == 0 or last:
-      summary = {k: float(np.mean(v)) for k, v in
-                 jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
-      pending = []
-      _stop_if_not_finite(summary, step, checkpointer)
-      writer.write_scalars(step, summary)
-      logging.info(progress.line(step, summary))
-    if step % eval_every == 0 or last:
-      results = evaluate(eval_step, state, input_pipeline.eval_batches(
-          config.data, batch_size=local_eval_batch, process_index=jax.process_index(),
-          process_count=jax.process_count()), mesh)
-      writer.write_scalars(step, results)
-      logging.info("step %d eval: %s", step,
-                   "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    if step % config.checkpoint_every_steps == 0 or last:
-      checkpointer.save(step, state, metadata)
-  writer.flush()
-  checkpointer.close()
+    metrics_buffer = _MetricsBuffer(checkpointer)
+    with preemption.PreemptionWatcher() as watcher:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, sharding.to_global(next(batches), mesh))
+        metrics_buffer.add(step, metrics)
+        last = step == total_steps
+        stop = watcher.should_stop(step)
+        if step % config.log_every_steps == 0 or last or stop:
+          summary = metrics_buffer.summary()
+          writer.write_scalars(step, summary)
+          logging.info(progress.line(step, summary))
+        if (step % eval_every == 0 or last) and not stop:
+          results = evaluate(eval_step, state, input_pipeline.eval_batches(
+              config.data, batch_size=local_eval_batch, process_index=jax.process_index(),
+              process_count=jax.process_count()), mesh, abort=lambda: watcher.signal is not None)
+          if results is not None:
+            writer.write_scalars(step, results)
+            logging.info("step %d eval: %s", step,
+                         "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        if last or stop:  # these cannot be retried later: write and wait
+          metrics_buffer.check()  # never save a state that went non-finite
+          checkpointer.save_now(step, state, metadata)
+          if stop:
+            writer.flush()
+            raise preemption.Preempted(watcher.signal, step, checkpointer.directory)
+        elif step % config.checkpoint_every_steps == 0:
+          metrics_buffer.check()
+          checkpointer.save(step, state, metadata)
+    writer.flush()
   return state
+
+
+def _check_same_run(checkpointer: checkpointing.Checkpointer,
+                    config: ml_collections.ConfigDict) -> None:
+  """Refuse to resume a workdir whose run had another model, dataset, seed, batch or optimizer."""
+  for step in reversed(checkpointer.all_steps()):
+    try:
+      saved = json.loads(checkpointer.metadata(step)["config"])
+    except Exception:  # pylint: disable=broad-except
+      continue  # unreadable: restore_newest_good reports it and falls back
+    diffs = configlib.resume_differences(saved, config)
+    if diffs and not config.force_resume:
+      raise ValueError(
+          f"The workdir {os.path.dirname(checkpointer.directory)} holds a run (step {step}) "
+          "with another configuration:\n  " + "\n  ".join(diffs) + "\nUse a fresh --workdir "
+          "for a new run, or pass --config.force_resume=True to continue this one anyway (the "
+          "mesh, epochs and eval/log/checkpoint cadence may change without it).")
+    for diff in diffs:
+      logging.warning("force_resume: resuming despite %s", diff)
+    return
+
+
+class _MetricsBuffer:
+  """Step metrics, fetched from the device only at log and checkpoint steps (no sync per step)
+  and checked in step order, so a NaN is reported at the step where it first appeared."""
+
+  def __init__(self, checkpointer: checkpointing.Checkpointer):
+    self._checkpointer = checkpointer
+    self._on_device: list[tuple[int, Any]] = []
+    self._on_host: list[dict[str, float]] = []
+    self.last_finite: Optional[tuple[int, dict[str, float]]] = None
+
+  def add(self, step: int, metrics: Any) -> None:
+    self._on_device.append((step, metrics))
+
+  def check(self) -> None:
+    """Raise ``FloatingPointError`` at the first step whose loss or gradient is not finite."""
+    fetched = jax.device_get([m for _, m in self._on_device])
+    for (step, _), values in zip(self._on_device, fetched):
+      values = {k: float(v) for k, v in values.items()}
+      if not all(np.isfinite(v) for v in values.values()):
+        last = ("none (the first step of this run)" if self.last_finite is None
+                else f"step {self.last_finite[0]}: {_fmt(self.last_finite[1])}")
+        self._checkpointer.wait()
+        raise FloatingPointError(
+            f"Non-finite training metrics at step {step}: {_fmt(values)}. Last finite metrics: "
+            f"{last}. Nothing from step {step} on was saved; the newest good checkpoint is step "
+            f"{self._checkpointer.latest_step()} in {self._checkpointer.directory}. Lower "
+            "optim.lr or set optim.grad_clip_norm, then rerun to resume from it.")
+      self.last_finite = (step, values)
+      self._on_host.append(values)
+    self._on_device = []
+
+  def summary(self) -> dict[str, float]:
+    """The mean of every metric since the last summary."""
+    self.check()
+    if not self._on_host:
+      return {}
+    summary = {k: float(np.mean([m[k] for m in self._on_host])) for k in self._on_host[0]}
+    self._on_host = []
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def init_from(path: str, state: TrainState) -> TrainState:
@@ -174,16 +257,6 @@ def init_from(path: str, state: TrainState) -> TrainState:
     logging.warning("init_from: source weight not used by the model: %s", key)
   ema = params if state.ema_params is not None else None
   return state.replace(params=params, ema_params=ema)
-
-
-def _stop_if_not_finite(summary: dict[str, float], step: int,
-                        checkpointer: checkpointing.Checkpointer) -> None:
-  if not all(np.isfinite(v) for v in summary.values()):
-    raise FloatingPointError(
-        f"Non-finite training metrics at step {step}: {summary}. Nothing from this point was "
-        f"saved; the newest good checkpoint is step {checkpointer.latest_step()} in "
-        f"{checkpointer.directory}. Lower optim.lr or set optim.grad_clip_norm, then rerun to "
-        "resume from it.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

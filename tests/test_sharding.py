@@ -19,8 +19,8 @@ def _config():
   return config
 
 
-def _setup(mesh_axes):
-  config = _config()
+def _setup(mesh_axes, config=None):
+  config = config or _config()
   mesh = sharding.create_mesh(mesh_axes)
   model = steps.build_model(config, num_classes=10)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10)
@@ -61,6 +61,30 @@ def test_training_steps_do_not_depend_on_the_mesh(mesh_axes, single_device):
                jax.device_get(state.params), want_state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                jax.device_get(state.opt_state), want_state.opt_state)
+
+
+@pytest.mark.parametrize("mesh_axes,accum", [({"data": 1}, 4), ({"data": 4, "fsdp": 2}, 2)],
+                         ids=["1device_accum4", "data4_fsdp2_accum2"])
+def test_gradient_accumulation_gives_the_full_batch_update(mesh_axes, accum):
+  # Without stochastic depth the micro-batches see exactly the full batch's computation.
+  config = _config()
+  config.model.drop_path_rate = 0.0
+  mesh, state, train_step = _setup({"data": 1}, config)
+  want, want_metrics = jax.device_get(train_step(state, sharding.to_global(_batch(), mesh)))
+  config.grad_accum_steps = accum
+  mesh, state, train_step = _setup(mesh_axes, config)
+  got, metrics = jax.device_get(train_step(state, sharding.to_global(_batch(), mesh)))
+  for name in ("loss", "grad_norm", "accuracy"):
+    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               (got.params, got.opt_state), (want.params, want.opt_state))
+
+
+def test_gradient_accumulation_must_divide_the_batch():
+  config = _config()
+  config.grad_accum_steps = 3
+  with pytest.raises(ValueError, match="config.grad_accum_steps=3 is invalid.*divide batch_size"):
+    configlib.validate(config)
 
 
 def test_fsdp_shards_parameters_and_optimizer_state():

@@ -169,7 +169,9 @@ class DynaMixer(nn.Module):
   ``entries`` is the official per-entry lists as a sequence of ``Entry``. The token grid of each
   entry follows from ``image_size``, ``patch_size`` and the transitions before it; the
   ``generate`` layers are sized for that grid, so a model accepts one image size only.
-  ``num_classes=0`` returns the pooled features instead of logits.
+  ``num_classes=0`` returns the pooled features instead of logits. ``remat=True`` recomputes each
+  block's activations in the backward pass (``nn.remat``): less memory, about one more forward
+  of compute, the same parameters and numbers.
   """
 
   entries: Sequence[Entry]
@@ -179,6 +181,7 @@ class DynaMixer(nn.Module):
   in_channels: int = 3
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def token_grids(self) -> list[int]:
     """Tokens per side for each entry; raises when the image does not fit the patches."""
@@ -205,11 +208,13 @@ class DynaMixer(nn.Module):
     entries = list(self.entries)
     rates = iter(drop_path_rates(self.drop_path_rate, sum(e.depth for e in entries)))
 
+    # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
+    block = nn.remat(DynaMixerBlock, static_argnums=(2,)) if self.remat else DynaMixerBlock
     x = PatchConv(entries[0].width, self.patch_size, self.dtype, name="patch_embed")(images)
     index = 0  # position in the official ``network`` ModuleList
     for i, entry in enumerate(entries):
       for j in range(entry.depth):
-        x = DynaMixerBlock(entry.segments, entry.reduced_dim, entry.mlp_ratio, next(rates),
+        x = block(entry.segments, entry.reduced_dim, entry.mlp_ratio, next(rates),
                            self.dtype, name=f"network_{index}_{j}")(x, train)
       index += 1
       if i + 1 < len(entries) and (entry.transition or entry.width != entries[i + 1].width):

@@ -53,7 +53,8 @@ class MlpMixer(nn.Module):
   """The MLP-Mixer network: patch stem, ``num_blocks`` Mixer layers, mean pool, linear head.
 
   ``num_classes=0`` returns the pooled features instead of logits. ``drop_path_rate`` (not in the
-  official model, 0 by default) adds stochastic depth, linear over the blocks.
+  official model, 0 by default) adds stochastic depth, linear over the blocks. ``remat=True``
+  recomputes each block's activations in the backward pass (``nn.remat``) to save memory.
   """
 
   patch_size: int
@@ -66,6 +67,7 @@ class MlpMixer(nn.Module):
   in_channels: int = 3
   image_size: Optional[int] = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -73,8 +75,10 @@ class MlpMixer(nn.Module):
     p = self.patch_size
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images)
     x = einops.rearrange(x, "n h w c -> n (h w) c")
+    # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
+    block = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype,
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype,
                      name=f"MixerBlock_{i}")(x, train)
     x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)
