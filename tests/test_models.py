@@ -86,7 +86,12 @@ def test_one_by_one_downsample_when_only_width_changes():
 
 def test_dynamixer_layer_norm_epsilon_and_exact_gelu():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 7)) * 1e-3  # small variance exposes eps
-  ln = dynamixer._layer_norm(jnp.float32, "ln")
+  class Norm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return dynamixer._layer_norm(jnp.float32, "ln", x)  # pylint: disable=protected-access
+
+  ln = Norm()
   y = ln.apply(ln.init(jax.random.PRNGKey(0), x), x)
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
