@@ -1,9 +1,11 @@
 """Two real processes joined by jax.distributed (CPU collectives over gloo) train like one."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -77,3 +79,38 @@ def test_two_processes_checkpoint_restart_and_match_one(tmp_path):
   _wait([_train(tmp_path / "single", 6, 8)])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                _params(tmp_path / "multi", 6), _params(tmp_path / "single", 6))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption service tells every process; all save the same step and stop."""
+  port = _free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "train.py", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
+           "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+           "--config.eval_every_epochs=1000", "--config.distributed.mode=on",
+           f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+           "--config.distributed.cpu_collectives=gloo", "--config.distributed.timeout_s=60"],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + 300
+    while "step 3/400" not in logs[1].read_text():  # synchronise on the log, not on time
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+          logs[1].read_text()[-3000:]
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # only one host is told
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  texts = [log.read_text() for log in logs]
+  assert codes == [128 + signal.SIGTERM] * 2, [t[-2000:] for t in texts]
+  saved = sorted(int(n) for n in os.listdir(tmp_path / "run" / "checkpoints") if n.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 400, saved
+  for text in texts:
+    assert f"Stopped by SIGTERM after step {saved[0]}" in text
