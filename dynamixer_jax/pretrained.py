@@ -188,6 +188,6 @@ def save(directory: str, variables: Variables, metadata: dict[str, Any]) -> str:
                           "or delete it.")
   params = jax.tree.map(jnp.asarray, convert._unfreeze(variables)["params"])  # pylint: disable=protected-access
   checkpointer = checkpointing.Checkpointer(directory, keep=1)
-  checkpointer.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, metadata)
+  checkpointer.save_now(0, {"step": jnp.zeros((), jnp.int32), "params": params}, metadata)
   checkpointer.close()
   return os.path.join(directory, "0")
