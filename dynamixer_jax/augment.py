@@ -11,10 +11,11 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from dynamixer_jax.configlib import INTERPOLATIONS  # one list for the config check and here
+
 MAX_LEVEL = 10.0
 FILL = (124, 116, 104)  # timm fills geometric ops with the ImageNet mean in 0..255
 TRANSLATE_PCT = 0.45
-INTERPOLATIONS = ("random", "bicubic", "bilinear")
 # timm _RAND_INCREASING_TRANSFORMS, in its order.
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
        "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",

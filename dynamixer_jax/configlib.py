@@ -120,8 +120,8 @@ def total_epochs(config: ml_collections.ConfigDict) -> int:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAIN_CROPS = ("random_resized", "resize_pad_crop")
-INTERPOLATIONS = ("random", "bicubic", "bilinear")  # as augment.INTERPOLATIONS (a TF module)
-EVAL_CROPS = ("center", "resize")
+INTERPOLATIONS = ("random", "bicubic", "bilinear")  # data.train_interpolation (augment.py)
+EVAL_CROPS = ("center", "resize")  # data.eval_crop (input_pipeline.py)
 CPU_COLLECTIVES = ("", "gloo", "mpi")
 
 

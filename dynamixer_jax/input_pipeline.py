@@ -32,7 +32,7 @@ from absl import logging
 
 from dynamixer_jax import augment
 # Re-exported: the data defaults and the train crops live in the TF-free config schema.
-from dynamixer_jax.configlib import TRAIN_CROPS, default_data_config
+from dynamixer_jax.configlib import EVAL_CROPS, TRAIN_CROPS, default_data_config
 
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -344,7 +344,7 @@ def _check_config(data: ml_collections.ConfigDict) -> None:
   if data.train_interpolation not in augment.INTERPOLATIONS:
     raise ValueError(f"data.train_interpolation={data.train_interpolation!r} is not one of "
                      f"{augment.INTERPOLATIONS}.")
-  if data.eval_crop not in ("center", "resize"):
+  if data.eval_crop not in EVAL_CROPS:
     raise ValueError(f"data.eval_crop={data.eval_crop!r}: use 'center' (resize the shorter side "
                      "to eval_resize, center crop) or 'resize' (squash to image_size).")
   if data.eval_resize < data.image_size:
