@@ -21,7 +21,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   the steps and the benchmark import no TensorFlow.
   """
   return ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+      name="imagenet2012",
+      # A typed placeholder (None = the TFDS default), so --config.data.data_dir=DIR can set it.
+      data_dir=ml_collections.config_dict.placeholder(str), train_split="train", eval_split="validation",
       image_size=224, eval_resize=248, train_crop="random_resized", pad=4, hflip=True,
       shuffle_buffer=10_000, mock=False, mock_num_examples=64,
       # Off here (a neutral pipeline); base_config turns on the official recipe.

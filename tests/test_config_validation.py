@@ -144,3 +144,21 @@ def test_train_py_stops_with_the_field_name_before_compiling(tmp_path):
   assert result.returncode != 0
   assert "config.optim.lr" in result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _leaves(config, prefix=""):
+  for key in config.keys():
+    value = config[key]
+    if hasattr(value, "keys"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", config, key
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),
+                         ids=os.path.basename)
+def test_every_field_can_be_set_from_the_command_line(path):
+  """config_flags refuses to override a field whose type is NoneType (a plain None default)."""
+  untyped = [name for name, parent, key in _leaves(load(path))
+             if parent.get_type(key) is type(None)]
+  assert not untyped, f"fields that --config.<field>=value cannot set: {untyped}"
