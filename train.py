@@ -1,31 +1,30 @@
 """Train a model: python train.py --config=configs/dynamixer_s.py [--workdir=DIR].
 
 Typed config arguments go after a colon (configs/cifar_finetune.py:model=dynamixer_s) and any
-field can be overridden with --config.field=value. A workdir that holds checkpoints resumes.
+field can be overridden with --config.field=value; --print_config lists every field and exits.
+A workdir that holds checkpoints resumes.
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py.",
-                                          lock_config=True)
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dynamixer_jax import cli  # noqa: E402  (light: no jax, no TensorFlow)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/quickstart.py (typed arguments after a colon: "
+    "configs/cifar_finetune.py:dataset=cifar10). Any field can be set with "
+    "--config.<field>=<value>; --print_config lists them all with their values.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                  "Print the resolved config (every field) and exit.")
 flags.mark_flags_as_required(["config"])
-
-
-class _QuietLibraries(logging.logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the console; its warnings and errors still show,
-  without the tracebacks of its background threads (our own error says what failed and why)."""
-
-  def filter(self, record):
-    if "orbax" not in record.pathname:
-      return True
-    if not os.environ.get("DYNAMIXER_TRACEBACK"):
-      record.exc_info, record.exc_text = None, None
-    return record.levelno >= logging.WARNING
+PROG = "train.py"
 
 
 def default_workdir(config_path: str) -> str:
@@ -33,36 +32,70 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", name)
 
 
+def _check_config_path(argv: list[str]) -> None:
+  """A missing config file is one line, before the config (and jax with it) is imported."""
+  for i, arg in enumerate(argv):
+    path = None
+    if arg.startswith("--config="):
+      path = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    if path is not None and not os.path.isfile(path.split(":")[0]):
+      cli.report_user_error(PROG, FileNotFoundError(
+          f"--config={path}: no such config file {path.split(':')[0]!r}; the recipes are in "
+          "configs/ (e.g. --config=configs/quickstart.py)."))
+      sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake (an unknown field, a bad value) as one message."""
+  _check_config_path(argv)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if os.environ.get("DYNAMIXER_TRACEBACK"):
+      raise
+    cli.report_user_error(PROG, ValueError(str(e).strip()))
+    sys.exit(1)
+  except cli.USER_ERRORS as e:  # raised by the config file itself (e.g. a bad :argument)
+    if os.environ.get("DYNAMIXER_TRACEBACK"):
+      raise
+    cli.report_user_error(PROG, e)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Imported here so that --help answers without loading jax and tensorflow.
+  config = _CONFIG.value
+  if _PRINT_CONFIG.value:
+    print(config)
+    return
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    cli.report_user_error(PROG, NotADirectoryError(
+        f"--workdir={workdir} is a file, not a folder; give a folder (new or a run's)."))
+    sys.exit(1)
+  # Imported here so that --help and flag mistakes answer without loading jax and TensorFlow.
+  import dynamixer_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TensorFlow, quietly)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data runs on the host; the GPU is JAX's
-  from dynamixer_jax import checkpointing, preemption, train_lib  # pylint: disable=g-import-not-at-top
-
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  from dynamixer_jax.train import checkpointing, console, loop, preemption  # pylint: disable=g-import-not-at-top
+  console.configure(verbose=flags.FLAGS.verbosity >= 1)
   logging.info("Workdir: %s", os.path.abspath(workdir))
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+    loop.train_and_evaluate(config, workdir)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(e.exit_code)
-  except USER_ERRORS + (checkpointing.CheckpointWriteError,) as e:
+  except cli.USER_ERRORS + (checkpointing.CheckpointWriteError,) as e:
     if os.environ.get("DYNAMIXER_TRACEBACK"):
       raise
     # What went wrong and what to do, without a traceback through our code and XLA's.
-    logging.error("%s: %s", type(e).__name__, e)
     print(f"\ntrain.py stopped: {e}\n(DYNAMIXER_TRACEBACK=1 shows the traceback.)",
           file=sys.stderr)
     sys.exit(1)
 
 
-# The errors our code raises for bad configs, data, checkpoints and non-finite losses: each
-# message already names the field or file and the fix.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

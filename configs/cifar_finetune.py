@@ -23,25 +23,14 @@ Differences: our resizes are antialiased bicubic at test time (torchvision: bili
 
 import ml_collections
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
-def parse_arg(arg) -> dict[str, str]:
-  """'model=dynamixer_s,dataset=cifar100,init=PATH' -> dict, refusing unknown keys."""
-  args = dict(model="dynamixer_s", dataset="cifar100", init="")
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in args:
-      raise ValueError(f"Bad config argument {item!r}: use key=value with keys {sorted(args)}, "
-                       "e.g. configs/cifar_finetune.py:model=dynamixer_s,dataset=cifar10,init=PATH")
-    args[key] = value
-  return args
-
-
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg)
+  args = configlib.parse_arguments(arg, dict(model="dynamixer_s", dataset="cifar100", init=""),
+                                   "configs/cifar_finetune.py")
   config = configlib.base_config()
   config.model = dict(name=args["model"], drop_path_rate=0.0)
   config.init_from = args["init"]

@@ -7,11 +7,11 @@ Time:      not run by us; no wall-time figure yet (the benchmark issue will give
 Accuracy:  84.3 % top-1 (paper); not reproduced here.
 """
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 
 def get_config(arg=None):
-  del arg
+  configlib.parse_arguments(arg, {}, "configs/dynamixer_l.py")
   config = configlib.base_config()
   config.model.name = "dynamixer_l"
   config.model.drop_path_rate = 0.3

@@ -12,11 +12,11 @@ Accuracy:  not run by us (the Mixer paper reports 76.4 % top-1 for B/16 trained 
            alone with its own recipe).
 """
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 
 def get_config(arg=None):
-  del arg
+  configlib.parse_arguments(arg, {}, "configs/mixer_b16.py")
   config = configlib.base_config()
   config.model.name = "mixer_b16"
   config.model.drop_path_rate = 0.1

@@ -9,11 +9,11 @@ Time:      measured on a 2-core CPU: see the README (about 2 minutes).
 Accuracy:  measured: see the README; tests/test_train.py checks >= 95 % held-out top-1.
 """
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 
 def get_config(arg=None):
-  del arg
+  configlib.parse_arguments(arg, {}, "configs/quickstart.py")
   config = configlib.base_config()
   config.model = dict(name="dynamixer_s", drop_path_rate=0.0, image_size=32, patch_size=4,
                       entries=((2, 64, 4, 2, 3.0, True), (2, 128, 8, 2, 3.0, False)))

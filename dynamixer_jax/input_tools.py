@@ -44,8 +44,8 @@ def photo_folder(root: str, copies: int = 32) -> str:
 
 def throughput(config, batch_size: int, num_batches: int) -> float:
   """Host images/s of ``train_batches`` after two warm-up batches."""
-  from dynamixer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  batches = input_pipeline.train_batches(config.data, batch_size=batch_size, seed=config.seed)
+  from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  batches = pipeline.train_batches(config.data, batch_size=batch_size, seed=config.seed)
   for _ in range(2):
     next(batches)
   start = time.perf_counter()
@@ -57,9 +57,11 @@ def throughput(config, batch_size: int, num_batches: int) -> float:
 def augmented_batch(config, batch_size: int, step: int):
   """One train batch after the host pipeline and the device augmentation, as uint8 images."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dynamixer_jax import input_pipeline, mixing, steps  # pylint: disable=g-import-not-at-top
-  num_classes = input_pipeline.dataset_info(config.data).num_classes
-  batch = next(input_pipeline.train_batches(config.data, batch_size=batch_size, seed=config.seed))
+  from dynamixer_jax.augment import mixing  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import steps  # pylint: disable=g-import-not-at-top
+  num_classes = sources.dataset_info(config.data).num_classes
+  batch = next(pipeline.train_batches(config.data, batch_size=batch_size, seed=config.seed))
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2), step)
   augment = config.augment.copy_and_resolve_references()
   with augment.unlocked():
@@ -87,6 +89,7 @@ def save_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("throughput", "grid"):
     raise app.UsageError("Give one command: throughput or grid.")
+  import dynamixer_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TensorFlow, quietly)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   config = _CONFIG.value

@@ -1,17 +1,20 @@
-"""``python -m dynamixer_jax.predict --checkpoint DIR image.jpg ...``: the top-5 classes of images.
+"""``python -m dynamixer_jax.predict --checkpoint DIR image.jpg ...``: the top classes of images.
 
 Any image Pillow opens (grayscale, palette, CMYK, RGBA, 16-bit) becomes 8-bit RGB, then gets the
-evaluation preprocessing stored in the checkpoint's metadata, exactly as ``evaluate`` does.
+eval preprocessing recorded in the checkpoint's metadata, exactly as ``evaluate`` applies it.
+``--output results.json`` (or ``.csv``) keeps the predictions for scripts.
 """
 
-import argparse
+import csv
+import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
-import jax
 import numpy as np
 
-from dynamixer_jax import pretrained
+from dynamixer_jax import cli
+
+PROG = "python -m dynamixer_jax.predict"
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -31,54 +34,81 @@ def read_rgb(path: str) -> np.ndarray:
   return np.asarray(image.convert("RGB"), np.uint8)
 
 
-def class_names(metadata: dict[str, Any]) -> list[str]:
-  """The checkpoint's class names; ImageNet names for unnamed 1000-class weights; else indices."""
-  names, count = list(metadata.get("class_names") or []), metadata["num_classes"]
-  if len(names) == count:
-    return names
-  if count == 1000:
-    return pretrained.imagenet_class_names()
-  return [f"class {i}" for i in range(count)]
-
-
 def predict(checkpoint: str, paths: list[str], top_k: int = 5,
             use_ema: bool = True) -> list[list[tuple[str, float]]]:
   """For each image, its ``top_k`` (class name, probability) pairs, most likely first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import dynamixer_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TensorFlow, quietly)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from dynamixer_jax import evaluate, input_pipeline, steps  # pylint: disable=g-import-not-at-top
-  model, variables, metadata = pretrained.load(checkpoint, use_ema=use_ema)
-  config = evaluate.data_config(metadata, "digits")
-  images = np.stack([input_pipeline.preprocess_eval(tf.constant(read_rgb(p)), config.data).numpy()
-                     for p in paths])
+  from dynamixer_jax import weights  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import steps  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.weights import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  images = [read_rgb(p) for p in paths]  # unreadable files fail before the model loads
+  model, variables, metadata = weights.load(checkpoint, use_ema=use_ema)
+  if not 1 <= top_k <= metadata["num_classes"]:
+    raise ValueError(f"--top_k {top_k}: the model has {metadata['num_classes']} classes; "
+                     f"use 1 to {metadata['num_classes']}.")
+  prep = metadata_lib.eval_preprocessing(metadata)
+  batch = np.stack([transforms.preprocess_eval(tf.constant(i), prep).numpy() for i in images])
   apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, steps.normalize(
-      x, config.mean, config.std), train=False).astype(np.float32)))
-  probs = np.asarray(apply(variables, images))
-  names = class_names(metadata)
+      x, prep.mean, prep.std), train=False).astype(np.float32)))
+  probs = np.asarray(apply(variables, batch))
+  names = metadata_lib.class_names(metadata)
   order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
   return [[(names[i], float(p[i])) for i in row] for row, p in zip(order, probs)]
 
 
+def write_output(path: str, paths: list[str], results: list[list[tuple[str, float]]]) -> None:
+  """JSON (a list of {file, predictions: [{label, probability}]}) or CSV (file, rank, label,
+  probability), chosen by the extension."""
+  if path.endswith(".json"):
+    with open(path, "w") as f:
+      json.dump([{"file": p, "predictions": [{"label": n, "probability": q} for n, q in top]}
+                 for p, top in zip(paths, results)], f, indent=2)
+  elif path.endswith(".csv"):
+    with open(path, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["file", "rank", "label", "probability"])
+      for p, top in zip(paths, results):
+        writer.writerows([p, rank, n, f"{q:.6f}"] for rank, (n, q) in enumerate(top, 1))
+  else:
+    raise ValueError(f"--output {path!r}: give a .json or a .csv file name.")
+
+
+def build_parser():
+  p = cli.parser("predict", "The most likely classes, with probabilities, of image files.",
+                 [f"{PROG} --checkpoint runs/cifar_finetune cat.jpg dog.png",
+                  f"{PROG} --checkpoint weights/dynamixer_s --top_k 3 --output results.json "
+                  "*.jpg"])
+  cli.add(p, "checkpoint", required=True,
+          help="train.py workdir, convert output, official .pth or .npz")
+  p.add_argument("images", nargs="+", help="image files")
+  cli.add(p, "top_k", type=cli.positive_int, default=5, help="classes per image (default 5)")
+  cli.add(p, "output", default=None, metavar="FILE.json|FILE.csv",
+          help="also write the predictions to this JSON or CSV file")
+  cli.add(p, "no_ema", dest="use_ema", action="store_false",
+          help="use the raw weights, not the EMA weights")
+  return p
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m dynamixer_jax.predict",
-      description="Top-5 classes with probabilities for image files.",
-      epilog="Example: python -m dynamixer_jax.predict --checkpoint runs/cifar_finetune cat.jpg")
-  parser.add_argument("--checkpoint", required=True,
-                      help="train.py workdir, convert output, official .pth or .npz")
-  parser.add_argument("images", nargs="+", help="image files")
-  parser.add_argument("--top_k", type=int, default=5)
-  parser.add_argument("--no-ema", dest="use_ema", action="store_false",
-                      help="use the raw weights, not the EMA weights")
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   missing = [p for p in args.images if not os.path.isfile(p)]
   if missing:
-    parser.error(f"No such image file(s): {', '.join(missing)}.")
-  for path, top in zip(args.images, predict(args.checkpoint, args.images, args.top_k,
-                                            args.use_ema)):
+    raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
+  if args.output and not args.output.endswith((".json", ".csv")):
+    raise ValueError(f"--output {args.output!r}: give a .json or a .csv file name.")
+  results = predict(args.checkpoint, args.images, args.top_k, args.use_ema)
+  for path, top in zip(args.images, results):
     print(path)
     for name, prob in top:
       print(f"  {100 * prob:6.2f} %  {name}")
+  if args.output:
+    write_output(args.output, args.images, results)
+    print(f"Wrote {args.output}.")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, PROG)

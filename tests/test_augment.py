@@ -5,14 +5,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageEnhance, ImageOps
 
-from dynamixer_jax import augment, input_pipeline, mixing
+from dynamixer_jax import preprocessing
+from dynamixer_jax.augment import mixing
+from dynamixer_jax.data import pipeline, sources, transforms
+from dynamixer_jax.data import tf_randaugment as augment
+from dynamixer_jax.train import configlib
 
 # Identity at magnitude 0 in timm too; the rest change the image whatever the magnitude
 # (PosterizeIncreasing keeps 4 bits at magnitude 0).
@@ -140,7 +143,7 @@ def test_random_resized_crop_boxes_stay_inside_with_timms_distribution():
   height, width = 60, 90
   keys = tf.random.experimental.stateless_split(tf.constant([1, 2], tf.int64), 3000)
   boxes = tf.vectorized_map(
-      lambda k: tf.stack(augment.random_resized_crop_box(k, height, width)), keys).numpy()
+      lambda k: tf.stack(transforms.random_resized_crop_box(k, height, width)), keys).numpy()
   top, left, h, w = boxes.T
   assert (top >= 0).all() and (left >= 0).all() and (h > 0).all() and (w > 0).all()
   assert (top + h <= height).all() and (left + w <= width).all()
@@ -175,7 +178,7 @@ def test_random_erasing_area_and_probability():
 
 
 def aug_config(**overrides):
-  cfg = mixing.default_augment_config()
+  cfg = configlib.base_config().augment
   cfg.update(overrides)
   return cfg
 
@@ -255,7 +258,7 @@ def test_chunk_size_that_does_not_divide_the_batch_is_refused():
 
 
 def _data(**overrides):
-  data = input_pipeline.default_data_config()
+  data = preprocessing.default_data_config()
   data.update(dict(name="imagenet2012", mock=True, mock_num_examples=16, image_size=32,
                    eval_resize=36, randaugment="rand-m9-mstd0.5-inc1",
                    train_interpolation="random"))
@@ -266,39 +269,42 @@ def _data(**overrides):
 def test_same_seed_epoch_and_index_give_the_same_image():
   data = _data()
   image = tf.constant(smooth_image(48, 64))
-  make = lambda seed, epoch, index: input_pipeline.preprocess_train(
-      image, input_pipeline._example_key(seed, epoch, index), data).numpy()  # pylint: disable=protected-access
+  make = lambda seed, epoch, index: transforms.preprocess_train(
+      image, pipeline.example_key(seed, epoch, index), data).numpy()
   first = make(0, 1, 5)
   assert first.shape == (32, 32, 3) and first.dtype == np.uint8
   np.testing.assert_array_equal(first, make(0, 1, 5))
   for other in ((1, 1, 5), (0, 2, 5), (0, 1, 6)):
     assert not np.array_equal(first, make(*other))
-  batches = [next(input_pipeline.train_batches(data, batch_size=8, seed=2)) for _ in range(2)]
+  batches = [next(pipeline.train_batches(data, batch_size=8, seed=2)) for _ in range(2)]
   np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])
 
 
 def test_eval_resize_mode_squashes_without_cropping():
   image = tf.constant(smooth_image(20, 40))
-  out = input_pipeline.preprocess_eval(image, _data(eval_crop="resize")).numpy()
+  geometry = lambda data: preprocessing.EvalPreprocessing.from_data(data)
+  out = transforms.preprocess_eval(image, geometry(_data(eval_crop="resize"))).numpy()
   expected = tf.image.resize(image, [32, 32], "bicubic", antialias=True)
   np.testing.assert_array_equal(out, np.clip(np.round(expected.numpy()), 0, 255))
-  center = input_pipeline.preprocess_eval(image, _data()).numpy()
+  center = transforms.preprocess_eval(image, geometry(_data())).numpy()
   assert center.shape == (32, 32, 3) and not np.array_equal(out, center)
 
 
 def test_bad_augmentation_settings_are_refused_with_the_field_name():
   with pytest.raises(ValueError, match="data.randaugment"):
-    input_pipeline.dataset_info(_data(randaugment="rand-m9"))
+    sources.dataset_info(_data(randaugment="rand-m9"))
   with pytest.raises(ValueError, match="data.train_interpolation"):
-    input_pipeline.dataset_info(_data(train_interpolation="lanczos"))
+    sources.dataset_info(_data(train_interpolation="lanczos"))
   with pytest.raises(ValueError, match="data.eval_crop"):
-    input_pipeline.dataset_info(_data(eval_crop="middle"))
+    sources.dataset_info(_data(eval_crop="middle"))
+  config = configlib.base_config()
+  config.augment.erase_mode = "noise"
   with pytest.raises(ValueError, match="augment.erase_mode"):
-    mixing.random_erase(jax.random.PRNGKey(0), jnp.zeros((2, 4, 4, 3)), 0.5, "noise")
+    configlib.validate(config)
 
 
 def test_train_step_with_the_official_augmentation_gives_finite_loss():
-  from dynamixer_jax import configlib, optim, steps  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import optim, steps  # pylint: disable=g-import-not-at-top
   config = configlib.base_config()
   config.model = dict(name="dynamixer_s", drop_path_rate=0.0, image_size=16, patch_size=4,
                       entries=((1, 16, 2, 2, 2.0, True),))

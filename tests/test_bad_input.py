@@ -10,13 +10,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dynamixer_jax import input_pipeline
+from dynamixer_jax import preprocessing
+from dynamixer_jax.data import pipeline, sources
 
 SIZE = (16, 16)
 
 
 def folder_config(root, **overrides):
-  data = input_pipeline.default_data_config()
+  data = preprocessing.default_data_config()
   data.update(dict(name="folder", data_dir=str(root), image_size=16, eval_resize=16,
                    train_crop="resize_pad_crop", pad=0, hflip=False), **overrides)
   return data
@@ -66,8 +67,8 @@ def test_every_colour_mode_loads_as_uint8_rgb(tmp_path):
       (tmp_path / split / "a").mkdir(parents=True, exist_ok=True)
       (tmp_path / split / "a" / name).write_bytes(data)
   data = folder_config(tmp_path)
-  assert input_pipeline.dataset_info(data).num_eval_examples == len(cases)  # none skipped
-  batch = next(input_pipeline.eval_batches(data, batch_size=len(cases)))
+  assert sources.dataset_info(data).num_eval_examples == len(cases)  # none skipped
+  batch = next(pipeline.eval_batches(data, batch_size=len(cases)))
   assert batch["image"].dtype == np.uint8 and batch["image"].shape == (len(cases), 16, 16, 3)
   for image, (name, (_, rgb, tolerance)) in zip(batch["image"], sorted(cases.items())):
     np.testing.assert_allclose(image.astype(int), np.broadcast_to(rgb, image.shape),
@@ -91,14 +92,14 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):
   (tmp_path / "train" / "a" / "trailing.jpg").write_bytes(jpeg + b"\0\1trailer")
   data = folder_config(tmp_path)
   with caplog.at_level(logging.WARNING):
-    info = input_pipeline.dataset_info(data)
+    info = sources.dataset_info(data)
   assert (info.num_train_examples, info.num_eval_examples) == (17, 4)
   assert f"Skipping 5 of the 22 images of {tmp_path}/train" in caplog.text
   assert all(f"train/b/{name}" in caplog.text for name in bad)
   assert f"Skipping 1 of the 5 images of {tmp_path}/val" in caplog.text
-  for batch in itertools.islice(input_pipeline.train_batches(data, batch_size=4, seed=0), 12):
+  for batch in itertools.islice(pipeline.train_batches(data, batch_size=4, seed=0), 12):
     assert batch["image"].shape == (4, 16, 16, 3)
-  masks = [b["mask"] for b in input_pipeline.eval_batches(data, batch_size=4)]
+  masks = [b["mask"] for b in pipeline.eval_batches(data, batch_size=4)]
   assert np.concatenate(masks).sum() == 4
 
 
@@ -108,7 +109,7 @@ def test_a_class_with_only_unreadable_images_is_refused(tmp_path):
   (tmp_path / "train" / "b").mkdir()
   (tmp_path / "train" / "b" / "0.jpg").write_bytes(b"")
   with pytest.raises(ValueError, match=r"train/b has no readable images"):
-    input_pipeline.dataset_info(folder_config(tmp_path))
+    sources.dataset_info(folder_config(tmp_path))
 
 
 def test_a_file_only_the_decoder_rejects_is_replaced_and_resume_stays_exact(tmp_path, caplog):
@@ -120,13 +121,13 @@ def test_a_file_only_the_decoder_rejects_is_replaced_and_resume_stays_exact(tmp_
   for split in ("train", "val"):
     (tmp_path / split / "a" / "1.png").write_bytes(fails_only_in_the_decoder())
   data = folder_config(tmp_path)
-  info = input_pipeline.dataset_info(data)  # The startup check cannot see this damage:
+  info = sources.dataset_info(data)  # The startup check cannot see this damage:
   assert (info.num_train_examples, info.num_eval_examples) == (12, 4)
   with caplog.at_level(logging.WARNING):
-    run = list(itertools.islice(input_pipeline.train_batches(data, batch_size=4, seed=0), 9))
+    run = list(itertools.islice(pipeline.train_batches(data, batch_size=4, seed=0), 9))
   assert "cannot be decoded" in caplog.text and "train/a/1.png" in caplog.text
   # Each epoch meets the file; a run resumed after it met it once yields the same batches.
-  resumed = itertools.islice(input_pipeline.train_batches(data, batch_size=4, seed=0,
+  resumed = itertools.islice(pipeline.train_batches(data, batch_size=4, seed=0,
                                                           start_step=4), 5)
   for want, got in zip(run[4:], resumed, strict=True):
     np.testing.assert_array_equal(want["image"], got["image"])
@@ -136,6 +137,6 @@ def test_a_file_only_the_decoder_rejects_is_replaced_and_resume_stays_exact(tmp_
   a2 = np.array(Image.open(tmp_path / "train" / "a" / "2.png"))[0, 0]
   assert (first_epoch == a2).all(axis=1).sum() == 2
   with caplog.at_level(logging.WARNING):
-    batches = list(input_pipeline.eval_batches(data, batch_size=4))
+    batches = list(pipeline.eval_batches(data, batch_size=4))
   assert "val/a/1.png" in caplog.text
   assert [b["mask"].tolist() for b in batches] == [[True, False, True, True]]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_mock_config.py")  # dynamixer_s, 32 px, patch 4, batch 16
@@ -117,7 +117,7 @@ def test_a_bad_value_is_refused_naming_the_field(fields, message):
 
 
 @pytest.mark.parametrize("path,arg", [(p, None) for p in sorted(glob.glob(
-    os.path.join(ROOT, "configs", "*.py")))] + [
+    os.path.join(ROOT, "configs", "[!_]*.py")))] + [
         (TINY, None), (os.path.join(ROOT, "configs", "cifar_finetune.py"), "model=mixer_b16"),
         (os.path.join(ROOT, "configs", "cifar_finetune.py"), "model=dynamixer_l,dataset=cifar10")],
     ids=lambda x: os.path.basename(x) if x and "/" in x else str(x))
@@ -126,14 +126,14 @@ def test_every_shipped_config_is_valid(path, arg):
 
 
 def test_a_dataset_name_is_checked_against_tfds_without_downloading():
-  from dynamixer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.data import sources  # pylint: disable=g-import-not-at-top
   data = load(TINY).data
   for name, message in (("cifar11", r"Unknown dataset config\.data\.name='cifar11'.*'digits', "
                                     r"'folder'.*Close matches: .*'cifar10'"),
                         ("cifar10:9.9.9", r"config\.data\.name='cifar10:9\.9\.9' is invalid: .*"
                                           r"only: 3\.0\.2")):
     with pytest.raises(ValueError, match=message):
-      input_pipeline.dataset_info(override(data, name=name))
+      sources.dataset_info(override(data, name=name))
 
 
 def test_train_py_stops_with_the_field_name_before_compiling(tmp_path):
@@ -155,7 +155,7 @@ def _leaves(config, prefix=""):
       yield f"{prefix}{key}", config, key
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py"))),
                          ids=os.path.basename)
 def test_every_field_can_be_set_from_the_command_line(path):
   """config_flags refuses to override a field whose type is NoneType (a plain None default)."""

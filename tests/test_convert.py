@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, load_fixture
-from dynamixer_jax import convert, models
+from dynamixer_jax import models
+from dynamixer_jax.weights import official as convert
+from dynamixer_jax.weights import trees
 
 ATOL = 1e-6  # fp32 CPU vs the official float64 forward; a wrong LayerNorm eps moves ~5e-6
 
@@ -109,9 +111,9 @@ def test_unmatched_and_missing_keys_are_all_listed(dynamixer_tiny):
   with pytest.raises(ValueError) as e:
     convert.load_torch_dynamixer(params)
   message = str(e.value)
-  assert "network_0_1/attn/extra/kernel" in message
-  assert "network_0_1/norm2/bias" in message
-  assert "norm/scale: checkpoint (5,), model (64,)" in message
+  assert "1 in the checkpoint, not in the model: network_0_1/attn/extra/kernel (3, 3)" in message
+  assert "1 in the model, not in the checkpoint: network_0_1/norm2/bias (32,)" in message
+  assert "1 shapes differ (checkpoint vs model): norm/scale (5,) vs (64,)" in message
 
 
 def test_state_dict_that_is_not_dynamixer(mixer_tiny):
@@ -133,7 +135,7 @@ def test_export_round_trip_gives_identical_tensors(dynamixer_tiny):
                                           ("dynamixer_l", 980)])
 def test_full_size_architectures_are_read_back_from_shapes(name, tensors):
   model = models.create_model(name)
-  shapes = convert.expected_param_shapes(model)
+  shapes = trees.expected_param_shapes(model)
   state = {convert.path_to_torch_key(p): np.broadcast_to(np.float32(0), s)
            for p, s in shapes.items()}
   state = {k: convert.flax_to_torch_array(v) for k, v in state.items()}

@@ -1,10 +1,10 @@
 """FLOP counting from XLA's cost analysis."""
 
 import flax.linen as nn
-import jax.numpy as jnp
 import pytest
 
-from dynamixer_jax import flops, models
+from dynamixer_jax import models
+from dynamixer_jax.benchmark import flops
 
 # torch FlopCounterMode counts of the official models (spec section 7), 2 FLOPs per MAC.
 OFFICIAL_GFLOPS = {"dynamixer_s": 14.605, "dynamixer_m": 33.961, "dynamixer_l": 54.687}

@@ -11,7 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dynamixer_jax import input_pipeline
+from dynamixer_jax import preprocessing
+from dynamixer_jax.data import pipeline, sources
 
 # Distinct solid colours: every crop, flip and resize of a solid image keeps its colour, so the
 # centre pixel of a batch row names the example it came from. Entries 6 and 21 are grey: the
@@ -35,7 +36,7 @@ SOURCES = {
 
 
 def make_data_config(**overrides):
-  data = input_pipeline.default_data_config()
+  data = preprocessing.default_data_config()
   data.update(overrides)
   return data
 
@@ -98,7 +99,7 @@ def source(request):
 
 
 def train(data, steps, **kwargs):
-  return list(itertools.islice(input_pipeline.train_batches(data, **kwargs), steps))
+  return list(itertools.islice(pipeline.train_batches(data, **kwargs), steps))
 
 
 def assert_same_batches(a, b):
@@ -116,7 +117,7 @@ def identify(images):
 
 def test_train_batches_shapes_dtypes_and_labels(source):
   data, batch_size, _ = source
-  num_classes = input_pipeline.dataset_info(data).num_classes
+  num_classes = sources.dataset_info(data).num_classes
   for batch in train(data, 3, batch_size=batch_size, seed=0):
     assert batch["image"].shape == (batch_size, data.image_size, data.image_size, 3)
     assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
@@ -140,10 +141,10 @@ def test_resume_continues_the_uninterrupted_stream(source):
 
 def test_eval_is_padded_and_counts_each_example_once_across_processes(source):
   data, _, _ = source
-  num_eval = input_pipeline.dataset_info(data).num_eval_examples
+  num_eval = sources.dataset_info(data).num_eval_examples
 
   def kept_rows(**kwargs):
-    batches, rows = list(input_pipeline.eval_batches(data, batch_size=4, **kwargs)), []
+    batches, rows = list(pipeline.eval_batches(data, batch_size=4, **kwargs)), []
     for batch in batches:
       assert batch["image"].shape == (4, data.image_size, data.image_size, 3)
       assert batch["mask"].dtype == bool and batch["label"].dtype == np.int32
@@ -162,7 +163,7 @@ def test_eval_is_padded_and_counts_each_example_once_across_processes(source):
 @pytest.mark.parametrize("source", ["folder", "tfds_files"], indirect=True)  # Solid colours.
 def test_processes_read_disjoint_train_examples(source):
   data, batch_size, _ = source
-  steps = input_pipeline.dataset_info(data).num_train_examples // (2 * batch_size)  # An epoch.
+  steps = sources.dataset_info(data).num_train_examples // (2 * batch_size)  # An epoch.
   seen = [sum((identify(b["image"]) for b in train(
       data, steps, batch_size=batch_size, seed=0, process_index=i, process_count=2)), [])
           for i in range(2)]
@@ -182,15 +183,15 @@ def test_global_batch_does_not_depend_on_process_count(name, folder_root):
 
 
 def test_digits_info():
-  info = input_pipeline.dataset_info(make_data_config(**SOURCES["digits"][0]))
+  info = sources.dataset_info(make_data_config(**SOURCES["digits"][0]))
   assert info.num_classes == 10 and info.class_names == tuple("0123456789")
   assert (info.num_train_examples, info.num_eval_examples) == (1437, 360)
 
 
 def test_folder_info_and_colour_conversion(folder_root):
   data = make_data_config(**SOURCES["folder"][0], data_dir=str(folder_root))
-  assert input_pipeline.dataset_info(data) == input_pipeline.DatasetInfo(3, 18, 7, FOLDER_CLASSES)
-  batch = next(input_pipeline.eval_batches(data, batch_size=8))
+  assert sources.dataset_info(data) == sources.DatasetInfo(3, 18, 7, FOLDER_CLASSES)
+  batch = next(pipeline.eval_batches(data, batch_size=8))
   images, labels = batch["image"][:7], batch["label"][:7]
   np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 2, 2])
   assert identify(images) == list(range(18, 25))  # Each val image keeps its colour,
@@ -200,14 +201,14 @@ def test_folder_info_and_colour_conversion(folder_root):
 
 def test_unknown_dataset_lists_the_options():
   with pytest.raises(ValueError, match=r"(?s)cifar11.*'digits', 'folder'.*cifar10"):
-    input_pipeline.dataset_info(make_data_config(name="cifar11"))
+    sources.dataset_info(make_data_config(name="cifar11"))
 
 
 def test_missing_imagenet_explains_the_manual_download(tmp_path):
   data = make_data_config(name="imagenet2012", data_dir=str(tmp_path))
-  for call in (lambda: input_pipeline.dataset_info(data),
-               lambda: input_pipeline.train_batches(data, batch_size=8, seed=0),
-               lambda: input_pipeline.eval_batches(data, batch_size=8)):
+  for call in (lambda: sources.dataset_info(data),
+               lambda: pipeline.train_batches(data, batch_size=8, seed=0),
+               lambda: pipeline.eval_batches(data, batch_size=8)):
     with pytest.raises(FileNotFoundError) as error:
       call()
     message = str(error.value)
@@ -220,7 +221,7 @@ def test_folder_without_val_is_rejected(tmp_path):
   (tmp_path / "train" / "a").mkdir(parents=True)
   Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "0.png")
   with pytest.raises(ValueError, match="no val/ subfolder"):
-    input_pipeline.dataset_info(make_data_config(name="folder", data_dir=str(tmp_path)))
+    sources.dataset_info(make_data_config(name="folder", data_dir=str(tmp_path)))
 
 
 def test_empty_class_folder_is_rejected(tmp_path):
@@ -229,16 +230,16 @@ def test_empty_class_folder_is_rejected(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "0.png")
   (tmp_path / "train" / "b").mkdir()
   with pytest.raises(ValueError, match=r"train/b has no images"):
-    input_pipeline.dataset_info(make_data_config(name="folder", data_dir=str(tmp_path)))
+    sources.dataset_info(make_data_config(name="folder", data_dir=str(tmp_path)))
 
 
 def test_bad_settings_are_rejected():
   digits = make_data_config(**SOURCES["digits"][0])
-  with pytest.raises(ValueError, match="eval_resize=8 is smaller than data.image_size=16"):
-    input_pipeline.dataset_info(make_data_config(**dict(SOURCES["digits"][0], eval_resize=8)))
+  with pytest.raises(ValueError, match=r"config.data.eval_resize=8 is invalid: use an integer >= data.image_size=16"):
+    sources.dataset_info(make_data_config(**dict(SOURCES["digits"][0], eval_resize=8)))
   with pytest.raises(ValueError, match="train_crop='center'"):
-    input_pipeline.dataset_info(make_data_config(**dict(SOURCES["digits"][0], train_crop="center")))
+    sources.dataset_info(make_data_config(**dict(SOURCES["digits"][0], train_crop="center")))
   with pytest.raises(ValueError, match="global batch 4096 exceeds the 1437 train examples"):
-    input_pipeline.train_batches(digits, batch_size=2048, seed=0, process_count=2)
+    pipeline.train_batches(digits, batch_size=2048, seed=0, process_count=2)
   with pytest.raises(ValueError, match="process_index=2"):
-    input_pipeline.eval_batches(digits, batch_size=8, process_index=2, process_count=2)
+    pipeline.eval_batches(digits, batch_size=8, process_index=2, process_count=2)

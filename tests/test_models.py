@@ -120,7 +120,16 @@ def test_mixer_uses_tanh_gelu_and_flax_epsilon():
   tanh = 0.5 * pre * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre ** 3)))
   np.testing.assert_allclose(block.apply(variables, h), tanh @ d1["kernel"] + d1["bias"],
                              rtol=1e-6, atol=1e-6)
-  assert nn.LayerNorm().epsilon == 1e-6
+  # The Mixer's norms use epsilon 1e-6 (the official Flax model), not the DynaMixer's 1e-5.
+  layer = mixer.MixerBlock(tokens_mlp_dim=4, channels_mlp_dim=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 6)) * 1e-3  # small variance exposes eps
+  variables = layer.init(jax.random.PRNGKey(1), x)
+  _, state = layer.apply(variables, x, mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: isinstance(m, nn.LayerNorm))
+  normed = state["intermediates"]["LayerNorm_0"]["__call__"][0]
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  np.testing.assert_allclose(normed, (x - mean) / jnp.sqrt(var + 1e-6), rtol=1e-3, atol=1e-4)
+  assert not np.allclose(normed, (x - mean) / jnp.sqrt(var + 1e-5), atol=1e-2)
 
 
 def test_train_applies_stochastic_depth_and_eval_is_deterministic():

@@ -10,9 +10,9 @@ import time
 import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
-from ml_collections import config_flags
 
-from dynamixer_jax import checkpointing, optim, steps
+from dynamixer_jax import recipes
+from dynamixer_jax.train import checkpointing, optim, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_mock_config.py")
@@ -58,7 +58,7 @@ def _two_processes(workdir, steps):
 
 def _params(workdir, step):
   """The saved parameters, restored onto this process's first device."""
-  config = config_flags.config_flags._LoadConfigModule("c", CONFIG).get_config()  # pylint: disable=protected-access
+  config = recipes.load(CONFIG)
   model = steps.build_model(config, num_classes=10)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=4)
   shapes = jax.eval_shape(lambda k: steps.create_train_state(model, tx, 32, k, True),

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dynamixer_jax import checkpointing, preemption, train_lib
+from dynamixer_jax.train import checkpointing, loop, preemption
 from test_train import ROOT, tiny_config
 
 TINY = os.path.join(ROOT, "tests", "tiny_mock_config.py")
@@ -121,7 +121,7 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path
 def _train(config, workdir, steps):
   with config.unlocked():
     config.num_train_steps = steps
-  return train_lib.train_and_evaluate(config, str(workdir))
+  return loop.train_and_evaluate(config, str(workdir), handle_signals=False)
 
 
 def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, caplog):

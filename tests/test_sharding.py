@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dynamixer_jax import checkpointing, configlib, models, optim, sharding, steps
+from dynamixer_jax.train import checkpointing, configlib, optim, sharding, steps
 
 MIN_SIZE = 256  # small enough that the tiny model's matrices are split
 
@@ -129,6 +129,7 @@ def test_mesh_errors_are_clear():
     sharding.create_mesh({"data": -1, "fsdp": -1})
   with pytest.raises(ValueError, match="does not divide"):
     sharding.create_mesh({"data": -1, "fsdp": 3})
-  mesh = sharding.create_mesh({"data": 8})
+  config = _config()
+  config.batch_size = 12
   with pytest.raises(ValueError, match="batch_size=12 must be divisible by the number of devices"):
-    sharding.per_process_batch(12, mesh)
+    configlib.check_devices(config, 8)

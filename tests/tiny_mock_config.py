@@ -1,6 +1,6 @@
 """A tiny DynaMixer on in-run mock CIFAR-10: train.py end to end in seconds (tests only)."""
 
-from dynamixer_jax import configlib
+from dynamixer_jax.train import configlib
 
 
 def get_config(arg=None):

@@ -1,11 +1,11 @@
-"""Model registry: ``create_model(name, **overrides)`` and ``list_models()``.
+"""The models of the papers, as plain Flax linen modules, and their registry.
 
-Every registered model is a plain Flax linen Module; ``overrides`` replace its constructor
-arguments (``num_classes``, ``drop_path_rate``, ``dtype``, ``image_size``, ...).
+``create_model(name, **overrides)`` builds a registered model (``list_models()``); ``overrides``
+replace its constructor arguments (``num_classes``, ``drop_path_rate``, ``dtype``, ``image_size``,
+...). This package imports nothing else of dynamixer_jax: it is the paper's modules only.
 """
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 
@@ -75,21 +75,11 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
   return kwargs
 
 
-def create_model(name: str, pretrained: Optional[str] = None, **overrides: Any) -> Any:
+def create_model(name: str, **overrides: Any) -> nn.Module:
   """Build a registered model, e.g. ``create_model('dynamixer_s', num_classes=10)``.
 
-  With ``pretrained=PATH`` (our checkpoint or convert output, an official .pth or .npz) it
-  returns ``(model, variables)`` instead: the architecture comes from the weights, EMA weights
-  are taken when present, and a different ``num_classes`` gets a fresh head.
+  Weights are loaded elsewhere: ``dynamixer_jax.weights.load(path)`` returns the model, its
+  variables and its metadata.
   """
-  if pretrained is not None:
-    from dynamixer_jax import pretrained as weights  # pylint: disable=g-import-not-at-top
-    model_kwargs(name, **overrides)  # unknown name or argument: the usual error
-    num_classes = overrides.pop("num_classes", None)
-    model, variables, _ = weights.load(pretrained, num_classes=num_classes, **overrides)
-    if not isinstance(model, _REGISTRY[name]):
-      raise ValueError(f"{pretrained!r} holds a {type(model).__name__}, not a "
-                       f"{_REGISTRY[name].__name__} like {name!r}; pick a matching name.")
-    return model, variables
-  kwargs = model_kwargs(name, **overrides)
+  kwargs = model_kwargs(name, **overrides)  # an unknown name or argument: a clear error
   return _REGISTRY[name](**kwargs)

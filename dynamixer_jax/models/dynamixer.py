@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (DropPath, drop_path_rates, torch_conv_bias_init,
-                                         torch_conv_kernel_init, torch_linear_kernel_init)
-from dynamixer_jax.models.mixer import _check_images
+from dynamixer_jax.models.layers import (DropPath, check_images, drop_path_rates,
+                                         torch_conv_bias_init, torch_conv_kernel_init,
+                                         torch_linear_kernel_init)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
 
@@ -208,7 +208,7 @@ class DynaMixer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    _check_images(images, self.patch_size, self.in_channels, self.image_size, "DynaMixer")
+    check_images(images, self.patch_size, self.in_channels, self.image_size, "DynaMixer")
     self.token_grids()
     entries = list(self.entries)
     rates = iter(drop_path_rates(self.drop_path_rate, sum(e.depth for e in entries)))

@@ -1,6 +1,6 @@
-"""Pieces both model families use: stochastic depth and PyTorch-style initialisers."""
+"""Pieces both model families use: input checks, stochastic depth, PyTorch-style initialisers."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,3 +47,23 @@ def torch_conv_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+def check_images(images: jax.Array, patch_size: int, in_channels: int,
+                  image_size: Optional[int], model: str) -> None:
+  """Fail with a message a person can act on instead of an XLA shape error."""
+  if images.ndim != 4:
+    raise ValueError(f"{model} expects images of shape (batch, height, width, channels) (NHWC); "
+                     f"got shape {tuple(images.shape)}.")
+  _, h, w, c = images.shape
+  if c != in_channels:
+    raise ValueError(f"{model} expects {in_channels} channels last (NHWC); got {c} channels in "
+                     f"shape {tuple(images.shape)}. Convert grayscale/RGBA images to RGB, or "
+                     "transpose NCHW input with x.transpose(0, 2, 3, 1).")
+  if image_size is not None and (h, w) != (image_size, image_size):
+    raise ValueError(f"{model} was built for {image_size}x{image_size} images; got {h}x{w}. "
+                     f"Resize to {image_size}x{image_size}, or build the model with "
+                     f"image_size={h} if the architecture allows it.")
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"{model}: image size {h}x{w} is not divisible by the patch size "
+                     f"{patch_size}.")

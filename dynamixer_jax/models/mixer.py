@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import DropPath, drop_path_rates
+from dynamixer_jax.models.layers import DropPath, check_images, drop_path_rates
 
 
 class MlpBlock(nn.Module):
@@ -71,7 +71,7 @@ class MlpMixer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    _check_images(images, self.patch_size, self.in_channels, self.image_size, type(self).__name__)
+    check_images(images, self.patch_size, self.in_channels, self.image_size, type(self).__name__)
     p = self.patch_size
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images)
     x = einops.rearrange(x, "n h w c -> n (h w) c")
@@ -86,23 +86,3 @@ class MlpMixer(nn.Module):
       return x
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                     name="head")(x)
-
-
-def _check_images(images: jax.Array, patch_size: int, in_channels: int,
-                  image_size: Optional[int], model: str) -> None:
-  """Fail with a message a person can act on instead of an XLA shape error."""
-  if images.ndim != 4:
-    raise ValueError(f"{model} expects images of shape (batch, height, width, channels) (NHWC); "
-                     f"got shape {tuple(images.shape)}.")
-  _, h, w, c = images.shape
-  if c != in_channels:
-    raise ValueError(f"{model} expects {in_channels} channels last (NHWC); got {c} channels in "
-                     f"shape {tuple(images.shape)}. Convert grayscale/RGBA images to RGB, or "
-                     "transpose NCHW input with x.transpose(0, 2, 3, 1).")
-  if image_size is not None and (h, w) != (image_size, image_size):
-    raise ValueError(f"{model} was built for {image_size}x{image_size} images; got {h}x{w}. "
-                     f"Resize to {image_size}x{image_size}, or build the model with "
-                     f"image_size={h} if the architecture allows it.")
-  if h % patch_size or w % patch_size:
-    raise ValueError(f"{model}: image size {h}x{w} is not divisible by the patch size "
-                     f"{patch_size}.")

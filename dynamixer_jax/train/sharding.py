@@ -75,13 +75,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def per_process_batch(global_batch: int, mesh: Mesh, field: str = "batch_size") -> int:
-  """This process's share of a global batch, with a clear error when it does not divide."""
-  devices, processes = mesh.devices.size, jax.process_count()
-  if global_batch % devices:
-    raise ValueError(f"config.{field}={global_batch} must be divisible by the number of devices "
-                     f"({devices}); pick a multiple of {devices}.")
-  return global_batch // processes
+def per_process_batch(global_batch: int, mesh: Mesh) -> int:
+  """This process's share of a global batch (``configlib.check_devices`` checked it divides)."""
+  if global_batch % mesh.devices.size:
+    raise ValueError(f"A global batch of {global_batch} does not split over the "
+                     f"{mesh.devices.size} devices of the mesh.")
+  return global_batch // jax.process_count()
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

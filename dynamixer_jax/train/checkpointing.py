@@ -15,42 +15,21 @@ Guarantees (README "Failures and recovery"):
   checkpoint of another model with the differing weight names and shapes.
 """
 
-import errno
 import os
 import time
 from typing import Any, Optional
 
-import flax
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dynamixer_jax import faults
+from dynamixer_jax.train import faults
+from dynamixer_jax.weights import metadata as metadata_lib
+from dynamixer_jax.weights import store, trees
 
 
 class CheckpointWriteError(RuntimeError):
   """Checkpoints could not be written (several times in a row, or the one that had to be)."""
-
-
-class _MetadataHandler(ocp.JsonCheckpointHandler):
-  """orbax's JSON item, plus the test-only fault points of ``faults.py``.
-
-  The metadata is written inside the step's temporary directory, with the state, before the
-  step is committed: a fault here is a fault in the middle of a save.
-  """
-
-  step = -1
-  marker_dir = "."
-
-  async def _save_fn(self, x, directory):
-    if faults.active("save_enospc", self.step):
-      raise OSError(errno.ENOSPC, f"No space left on device (injected by {faults.ENV})")
-    if faults.active("save_pause", self.step):
-      with open(os.path.join(self.marker_dir, f"fault_paused_at_{self.step}"), "w") as f:
-        f.write(str(directory))
-      while True:  # until the test kills the process
-        time.sleep(0.1)
-    await super()._save_fn(x, directory)
 
 
 class Checkpointer:
@@ -61,16 +40,18 @@ class Checkpointer:
     self.max_failures = max_failures
     self.failures = 0  # failed writes in a row
     self._pending: Optional[int] = None  # the step being written in the background
-    self._metadata_handler = _MetadataHandler()
-    self._metadata_handler.marker_dir = os.path.dirname(self.directory)  # the workdir
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-      registry.add("state", args, ocp.StandardCheckpointHandler)
+      registry.add(store.STATE, args, ocp.StandardCheckpointHandler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-      registry.add("metadata", args, self._metadata_handler)
+      registry.add(store.METADATA, args, ocp.JsonCheckpointHandler)
+    # Tests only (DYNAMIXER_FAULTS set): one more item, whose save fails or blocks on cue.
+    self._fault = faults.checkpoint_item(marker_dir=os.path.dirname(self.directory))
+    if self._fault is not None:
+      registry.add(faults.ITEM, ocp.args.JsonSave, self._fault[0])
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
 
@@ -87,10 +68,11 @@ class Checkpointer:
     a row raise ``CheckpointWriteError``.
     """
     self._settle()
-    self._metadata_handler.step = step
+    items = {store.STATE: ocp.args.StandardSave(state), store.METADATA: ocp.args.JsonSave(metadata)}
+    if self._fault is not None:
+      items[faults.ITEM] = self._fault[1](step)
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)), force=True)
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._record_failure(step, e)
       return
@@ -166,13 +148,12 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """The state at ``step`` (default: newest), laid out as ``abstract_state``'s shardings."""
     step = self.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
-    return restored["state"], restored["metadata"]
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        store.STATE: ocp.args.StandardRestore(abstract_state)}))
+    return restored[store.STATE], self.metadata(step)
 
   def metadata(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))["metadata"]
+    return metadata_lib.read(os.path.join(self.directory, str(step)))
 
   def restore_newest_good(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
     """``(state, metadata)`` of the newest step that reads back, or None if there is none.
@@ -185,7 +166,7 @@ class Checkpointer:
     skipped = []
     for step in reversed(self.all_steps()):
       try:
-        saved_tree = self._manager.item_metadata(step)["state"]
+        saved_tree = self._manager.item_metadata(step)[store.STATE]
       except Exception as e:  # pylint: disable=broad-except
         error = e
       else:
@@ -218,49 +199,11 @@ class Checkpointer:
 
 def check_fits(saved_tree: Any, abstract_state: Any, step: int, directory: str) -> None:
   """Refuse a checkpoint whose parameters differ from the model's, naming keys and shapes."""
-  saved = _flat_shapes(_get(saved_tree, "params"))
-  wanted = _flat_shapes(_get(abstract_state, "params"))
-  missing = sorted(set(wanted) - set(saved))
-  extra = sorted(set(saved) - set(wanted))
-  differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-  if not (missing or extra or differ):
-    return
-  lines = [f"Checkpoint step {step} in {directory} does not fit the model:"]
-  for title, keys, show in (
-      ("in the model, not in the checkpoint", missing, lambda k: f"{k} {wanted[k]}"),
-      ("in the checkpoint, not in the model", extra, lambda k: f"{k} {saved[k]}"),
-      ("shapes differ (checkpoint vs model)", differ, lambda k: f"{k} {saved[k]} vs {wanted[k]}")):
-    if keys:
-      lines.append(f"  {len(keys)} {title}: " + ", ".join(show(k) for k in keys[:10])
-                   + (", ..." if len(keys) > 10 else ""))
-  lines.append("It was written by a run of another model. Use a fresh --workdir, or start from "
-               "its weights with --config.init_from=<its step folder>.")
-  raise ValueError("\n".join(lines))
-
-
-def _get(tree: Any, name: str) -> Any:
-  return tree[name] if hasattr(tree, "keys") else getattr(tree, name)  # orbax's is a Mapping
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  flat = flax.traverse_util.flatten_dict(_as_dict(tree))
-  return {"/".join(map(str, k)): tuple(v.shape) for k, v in flat.items()}
-
-
-def _as_dict(tree: Any) -> Any:
-  if hasattr(tree, "keys"):
-    return {k: _as_dict(tree[k]) for k in tree.keys()}
-  return tree
-
-
-def read_metadata(directory: str, step: Optional[int] = None) -> dict[str, Any]:
-  """The JSON metadata of a checkpoint directory, without reading any array."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "metadata"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {directory!r}.")
-  return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  params = lambda tree: tree["params"] if hasattr(tree, "keys") else tree.params
+  trees.require_fit(trees.shapes(params(saved_tree)), trees.shapes(params(abstract_state)),
+                    f"Checkpoint step {step} in {directory}",
+                    hint="It was written by a run of another model. Use a fresh --workdir, or "
+                         "start from its weights with --config.init_from=<its step folder>.")
 
 
 def abstract(tree: Any) -> Any:

@@ -1,35 +1,40 @@
-"""The config schema: every field the trainer reads, with defaults, and its validation.
+"""The config schema: every field a run reads, with defaults, and the one validator of it.
 
 Config files in ``configs/`` start from ``base_config()`` and change what their recipe needs; the
-result is locked, so a mistyped ``--config.field=value`` fails loudly.
+result is locked, so a mistyped ``--config.field=value`` fails loudly. ``validate`` refuses a
+config that cannot work before anything loads or compiles; ``check_devices`` adds what is known
+only once the devices are (the mesh and the per-device batch).
 """
 
 import json
 import math
 import re
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
-from dynamixer_jax import mixing, models, optim, sharding
+from dynamixer_jax import models, preprocessing
+from dynamixer_jax.augment import mixing
+from dynamixer_jax.preprocessing import check_choice, fail, is_int, is_number
+from dynamixer_jax.train import optim, sharding
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every field the input pipeline reads, at ImageNet defaults; configs override what differs.
+def parse_arguments(arg: Any, defaults: dict[str, str], usage: str) -> dict[str, str]:
+  """A config file's typed arguments: 'key=value,key=value' after the colon of --config.
 
-  It lives here, not in ``input_pipeline`` (which re-exports it), so that the config schema,
-  the steps and the benchmark import no TensorFlow.
+  Unknown keys and arguments to a config that takes none are errors naming the accepted ones.
   """
-  return ml_collections.ConfigDict(dict(
-      name="imagenet2012",
-      # A typed placeholder (None = the TFDS default), so --config.data.data_dir=DIR can set it.
-      data_dir=ml_collections.config_dict.placeholder(str), train_split="train", eval_split="validation",
-      image_size=224, eval_resize=248, train_crop="random_resized", pad=4, hflip=True,
-      shuffle_buffer=10_000, mock=False, mock_num_examples=64,
-      # Off here (a neutral pipeline); base_config turns on the official recipe.
-      randaugment="",  # timm policy string, e.g. 'rand-m9-mstd0.5-inc1'; '' = none
-      train_interpolation="bicubic",  # 'random' (bilinear or bicubic per image), 'bicubic', 'bilinear'
-      eval_crop="center"))  # 'center': resize shorter side to eval_resize + crop; 'resize': squash
+  args = dict(defaults)
+  for item in filter(None, (str(arg) if arg is not None else "").split(",")):
+    key, sep, value = item.partition("=")
+    if not defaults:
+      raise ValueError(f"{usage} takes no arguments after the colon; got {arg!r}.")
+    if not sep or key not in args:
+      raise ValueError(f"Bad config argument {item!r}: use key=value with keys "
+                       f"{', '.join(sorted(args))}, e.g. {usage}:"
+                       + ",".join(f"{k}={v or '...'}" for k, v in defaults.items()) + ".")
+    args[key] = value
+  return args
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,13 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
   # create_model(model.name, **other fields of model); num_classes comes from the dataset.
   c.model = ml_collections.ConfigDict(dict(name="dynamixer_s", drop_path_rate=0.1, remat=False))
   c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
-  c.data = default_data_config()
-  c.mean = (0.485, 0.456, 0.406)  # normalisation on device, images arrive as uint8
-  c.std = (0.229, 0.224, 0.225)
+  c.data = preprocessing.default_data_config()
+  c.mean = preprocessing.IMAGENET_MEAN  # normalisation on device, images arrive as uint8
+  c.std = preprocessing.IMAGENET_STD
   c.data.randaugment = "rand-m9-mstd0.5-inc1"
   c.data.train_interpolation = "random"
   # On-device mixup / cutmix / random erasing (mixing.py); chunk_size = the official per-GPU batch.
-  c.augment = mixing.default_augment_config()
+  c.augment = ml_collections.ConfigDict(dict(
+      mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0, chunk_size=256,
+      erase_prob=0.25, erase_mode="pixel"))
 
   c.batch_size = 2048  # global: split over processes and devices
   c.eval_batch_size = 2048
@@ -121,31 +128,16 @@ def total_epochs(config: ml_collections.ConfigDict) -> int:
 # --- Validation ----------------------------------------------------------------------------------
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TRAIN_CROPS = ("random_resized", "resize_pad_crop")
-INTERPOLATIONS = ("random", "bicubic", "bilinear")  # data.train_interpolation (augment.py)
-EVAL_CROPS = ("center", "resize")  # data.eval_crop (input_pipeline.py)
 CPU_COLLECTIVES = ("", "gloo", "mpi")
 
 
-def _fail(field: str, value: Any, allowed: str) -> NoReturn:
-  raise ValueError(f"config.{field}={value!r} is invalid: {allowed}.")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # Rules: (predicate, what is allowed). ``_check(config, rule, *fields)`` applies one to fields.
-_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "it must be a positive integer")
-_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "use an integer >= 0")
-_POSITIVE = (lambda v: _is_number(v) and v > 0, "use a number > 0")
-_NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "use a number >= 0 (0 = off)")
-_FRACTION = (lambda v: _is_number(v) and 0 <= v < 1, "use a number in [0, 1)")
-_PROBABILITY = (lambda v: _is_number(v) and 0 <= v <= 1, "a probability must lie in [0, 1]")
+_POSITIVE_INT = (lambda v: is_int(v) and v > 0, "it must be a positive integer")
+_NON_NEGATIVE_INT = (lambda v: is_int(v) and v >= 0, "use an integer >= 0")
+_POSITIVE = (lambda v: is_number(v) and v > 0, "use a number > 0")
+_NON_NEGATIVE = (lambda v: is_number(v) and v >= 0, "use a number >= 0 (0 = off)")
+_FRACTION = (lambda v: is_number(v) and 0 <= v < 1, "use a number in [0, 1)")
+_PROBABILITY = (lambda v: is_number(v) and 0 <= v <= 1, "a probability must lie in [0, 1]")
 _BOOL = (lambda v: isinstance(v, bool), "use True or False")
 _STRING = (lambda v: isinstance(v, str), "use a string")
 
@@ -154,26 +146,25 @@ def _check(config: ml_collections.ConfigDict, rule: tuple, *fields: str) -> None
   ok, allowed = rule
   for field in fields:
     if not ok(config[field]):
-      _fail(field, config[field], allowed)
+      fail(field, config[field], allowed)
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, options: Sequence[Any]) -> None:
-  if config[field] not in options:
-    _fail(field, config[field], "use one of " + ", ".join(map(repr, options)))
+  check_choice(config[field], field, options)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuse a config that cannot work, naming the field and the allowed values, before anything
   compiles or loads.
 
-  Needs no TensorFlow and no data. What does is checked next, by ``input_pipeline.dataset_info``
-  (the dataset name, the RandAugment policy, the image folder), and whether the mesh fits the
-  devices by ``sharding.create_mesh``.
+  Needs no TensorFlow and no data. What does is checked next, by ``data.sources.dataset_info``
+  (the dataset name, the RandAugment policy, the image folder), and what needs the devices by
+  ``check_devices``.
   """
   _check_batches(config)
   _check_optimizer(config)
   _check_augment(config)
-  _check_data(config)
+  preprocessing.validate_data(config.data)
   _check_mesh(config)
   _check_model(config)
   _check(config, _POSITIVE_INT, "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -183,24 +174,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, _STRING, "init_from")
 
 
+def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """What is known only at run time: the batches and gradient accumulation split over
+  ``num_devices`` (the mesh itself is checked by ``sharding.create_mesh``)."""
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % num_devices:
+      raise ValueError(f"config.{field}={config[field]} must be divisible by the number of "
+                       f"devices ({num_devices}); pick a multiple of {num_devices}.")
+  if (config.batch_size // num_devices) % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the batch of "
+                     f"each device ({config.batch_size} / {num_devices} devices); pick a "
+                     "divisor of it, or a larger batch_size.")
+
+
 def _check_batches(config: ml_collections.ConfigDict) -> None:
-  if not (_is_int(config.seed) and 0 <= config.seed < 2**32):
-    _fail("seed", config.seed, "use an integer in [0, 2**32)")
+  if not (is_int(config.seed) and 0 <= config.seed < 2**32):
+    fail("seed", config.seed, "use an integer in [0, 2**32)")
   _check_choice(config, "dtype", DTYPES)
   _check(config, _POSITIVE_INT, "batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps")
   steps = config.num_train_steps
-  if not (_is_int(steps) and (steps == -1 or steps > 0)):
-    _fail("num_train_steps", config.num_train_steps,
+  if not (is_int(steps) and (steps == -1 or steps > 0)):
+    fail("num_train_steps", config.num_train_steps,
           "use -1 (train num_epochs) or a positive number of steps")
   if config.batch_size % config.grad_accum_steps:
-    _fail("grad_accum_steps", config.grad_accum_steps,
+    fail("grad_accum_steps", config.grad_accum_steps,
           f"it must divide batch_size={config.batch_size}")
 
 
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, "optim.name", optim.OPTIMIZERS)
-  if not (_is_number(config.optim.lr) and config.optim.lr > 0):
-    _fail("optim.lr", config.optim.lr, "the learning rate must be a positive number")
+  if not (is_number(config.optim.lr) and config.optim.lr > 0):
+    fail("optim.lr", config.optim.lr, "the learning rate must be a positive number")
   _check(config, _FRACTION, "optim.b1", "optim.b2", "optim.momentum", "label_smoothing")
   _check(config, _POSITIVE, "optim.eps")
   _check(config, _NON_NEGATIVE, "optim.weight_decay", "optim.grad_clip_norm",
@@ -210,86 +214,64 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, "schedule.name", optim.SCHEDULES)
   _check(config, _NON_NEGATIVE_INT, "schedule.cooldown_epochs")
   if config.schedule.warmup_epochs >= config.num_epochs:
-    _fail("schedule.warmup_epochs", config.schedule.warmup_epochs,
+    fail("schedule.warmup_epochs", config.schedule.warmup_epochs,
           f"warmup must be shorter than num_epochs={config.num_epochs}")
-  if not (_is_number(config.ema_decay) and 0 <= config.ema_decay < 1):
-    _fail("ema_decay", config.ema_decay, "use a value in [0, 1); 0 turns EMA off")
+  if not (is_number(config.ema_decay) and 0 <= config.ema_decay < 1):
+    fail("ema_decay", config.ema_decay, "use a value in [0, 1); 0 turns EMA off")
 
 
 def _check_augment(config: ml_collections.ConfigDict) -> None:
   for field in ("mean", "std"):
     values = config[field]
     if (not isinstance(values, (tuple, list)) or len(values) != 3
-        or not all(_is_number(v) for v in values) or field == "std" and min(values) <= 0):
-      _fail(field, values, "give three numbers (R, G, B, for pixels in 0..1); std > 0")
+        or not all(is_number(v) for v in values) or field == "std" and min(values) <= 0):
+      fail(field, values, "give three numbers (R, G, B, for pixels in 0..1); std > 0")
   aug = config.augment
   _check(config, _PROBABILITY, "augment.switch_prob", "augment.mix_prob", "augment.erase_prob")
   _check(config, _NON_NEGATIVE, "augment.mixup_alpha", "augment.cutmix_alpha")
   _check_choice(config, "augment.erase_mode", mixing.ERASE_MODES)
   mixing_on = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
-  if mixing_on and (not _is_int(aug.chunk_size) or aug.chunk_size <= 0
+  if mixing_on and (not is_int(aug.chunk_size) or aug.chunk_size <= 0
                     or config.batch_size % min(aug.chunk_size, config.batch_size)):
-    _fail("augment.chunk_size", aug.chunk_size,
+    fail("augment.chunk_size", aug.chunk_size,
           f"mixup/cutmix chunks must divide batch_size={config.batch_size}; pick a divisor "
           "(the official per-GPU batch) or set augment.mixup_alpha = augment.cutmix_alpha = 0")
-
-
-def _check_data(config: ml_collections.ConfigDict) -> None:
-  data = config.data
-  for field in ("data.name", "data.train_split", "data.eval_split"):
-    if not (isinstance(config[field], str) and config[field]):
-      _fail(field, config[field], "use a non-empty string")
-  if data.name == "folder" and not data.data_dir:
-    _fail("data.data_dir", data.data_dir, "data.name='folder' needs the root folder that holds "
-          "train/<class>/ and val/<class>/")
-  if data.data_dir is not None and not isinstance(data.data_dir, str):
-    _fail("data.data_dir", data.data_dir, "use a path, or None for the TFDS default")
-  _check(config, _POSITIVE_INT, "data.image_size", "data.shuffle_buffer", "data.mock_num_examples")
-  _check(config, _NON_NEGATIVE_INT, "data.pad")
-  _check(config, _BOOL, "data.hflip", "data.mock")
-  _check(config, _STRING, "data.randaugment")  # parsed by input_pipeline.dataset_info
-  if not (_is_int(data.eval_resize) and data.eval_resize >= data.image_size):
-    _fail("data.eval_resize", data.eval_resize,
-          f"use an integer >= data.image_size={data.image_size} (the eval center crop)")
-  _check_choice(config, "data.train_crop", TRAIN_CROPS)
-  _check_choice(config, "data.train_interpolation", INTERPOLATIONS)
-  _check_choice(config, "data.eval_crop", EVAL_CROPS)
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
   """Sizes, rules and multi-host settings; the device count itself is known only at run time."""
   sizes = dict(config.mesh)
-  if not sizes or any(not _is_int(s) or (s < 1 and s != -1) for s in sizes.values()) or (
+  if not sizes or any(not is_int(s) or (s < 1 and s != -1) for s in sizes.values()) or (
       list(sizes.values()).count(-1) > 1):
-    _fail("mesh", sizes, "give axis=size pairs, sizes positive integers with at most one -1 (all "
+    fail("mesh", sizes, "give axis=size pairs, sizes positive integers with at most one -1 (all "
           "remaining devices), e.g. dict(data=-1, fsdp=1)")
   known = math.prod(s for s in sizes.values() if s > 0)
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % known:
-      _fail(field, config[field], f"config.mesh={sizes} splits each batch over a multiple of "
+      fail(field, config[field], f"config.mesh={sizes} splits each batch over a multiple of "
             f"{known} devices; use a multiple of {known}")
   if -1 not in sizes.values() and (config.batch_size // known) % config.grad_accum_steps:
-    _fail("grad_accum_steps", config.grad_accum_steps, f"it must divide the batch of each device "
+    fail("grad_accum_steps", config.grad_accum_steps, f"it must divide the batch of each device "
           f"(batch_size={config.batch_size} over {known} devices)")
   rules = config.partition_rules
   for i, rule in enumerate(rules if isinstance(rules, (tuple, list)) else [rules]):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
             and rule[1] in sharding.PARTITION_RULES):
-      _fail(f"partition_rules[{i}]", rule, "use (path regex, rule) with rule one of "
+      fail(f"partition_rules[{i}]", rule, "use (path regex, rule) with rule one of "
             f"{sharding.PARTITION_RULES}, e.g. ('.*', 'fsdp')")
     try:
       re.compile(rule[0])
     except re.error as e:
-      _fail(f"partition_rules[{i}]", rule, f"{rule[0]!r} is not a regular expression ({e})")
+      fail(f"partition_rules[{i}]", rule, f"{rule[0]!r} is not a regular expression ({e})")
   _check(config, _NON_NEGATIVE_INT, "fsdp_min_size", "distributed.num_processes")
   _check_choice(config, "distributed.mode", sharding.DISTRIBUTED_MODES)
   _check_choice(config, "distributed.cpu_collectives", CPU_COLLECTIVES)
   _check(config, _STRING, "distributed.coordinator_address")
   _check(config, _POSITIVE, "distributed.timeout_s")
   dist = config.distributed
-  if not (_is_int(dist.process_id) and -1 <= dist.process_id
+  if not (is_int(dist.process_id) and -1 <= dist.process_id
           and (dist.num_processes == 0 or dist.process_id < dist.num_processes)):
-    _fail("distributed.process_id", dist.process_id,
+    fail("distributed.process_id", dist.process_id,
           "use -1 (auto-detect) or an index below distributed.num_processes")
 
 
@@ -308,22 +290,22 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
       _check(config, _POSITIVE_INT, f"model.{field}")
   size = config.data.image_size
   if full.get("image_size") not in (None, size):
-    _fail("data.image_size", size, f"model {name!r} is built for {full['image_size']}x"
+    fail("data.image_size", size, f"model {name!r} is built for {full['image_size']}x"
           f"{full['image_size']} images (config.model.image_size); use the same size for both")
   module = models.create_model(name, **kwargs)
   if isinstance(module, models.DynaMixer):
     for i, entry in enumerate(module.entries):
-      if not (all(_is_int(v) and v > 0 for v in entry[:4]) and entry.mlp_ratio > 0):
-        _fail(f"model.entries[{i}]", tuple(entry), "depth, width, segments, reduced_dim must "
+      if not (all(is_int(v) and v > 0 for v in entry[:4]) and entry.mlp_ratio > 0):
+        fail(f"model.entries[{i}]", tuple(entry), "depth, width, segments, reduced_dim must "
               "be positive integers and mlp_ratio positive")
       if entry.width % entry.segments:
-        _fail(f"model.entries[{i}]", tuple(entry),
+        fail(f"model.entries[{i}]", tuple(entry),
               f"segments={entry.segments} must divide width={entry.width}")
     try:
       module.token_grids()
     except ValueError as e:
-      _fail("data.image_size", size, f"{name} with patch_size={module.patch_size} cannot take "
+      fail("data.image_size", size, f"{name} with patch_size={module.patch_size} cannot take "
             f"it: {e} Change data.image_size (and model.image_size) or model.patch_size")
   elif size % full["patch_size"]:
-    _fail("data.image_size", size,
+    fail("data.image_size", size,
           f"it must be divisible by the patch size of {name!r} ({full['patch_size']})")

@@ -1,4 +1,4 @@
-"""Host-side augmentation in tf.data: timm's RandomResizedCrop and RandAugment, stateless.
+"""RandAugment in tf.data, on the host (to be replaced by the on-device version).
 
 Each op follows the semantics of timm 0.4.12 (which follows PIL): the same op list, magnitude
 ranges and rounding, written with plain TensorFlow ops. Every random draw comes from the
@@ -10,8 +10,6 @@ import math
 from typing import Callable, Optional
 
 import tensorflow as tf
-
-from dynamixer_jax.configlib import INTERPOLATIONS  # one list for the config check and here
 
 MAX_LEVEL = 10.0
 FILL = (124, 116, 104)  # timm fills geometric ops with the ImageNet mean in 0..255
@@ -59,50 +57,6 @@ def parse_policy(policy: str) -> Optional[RandAugmentPolicy]:
                      "implemented; add '-inc1'.")
   return RandAugmentPolicy(num_ops=int(fields.get("n", 2)), magnitude=fields.get("m", 10.0),
                            magnitude_std=fields.get("mstd", 0.0))
-
-
-# --- Crop ----------------------------------------------------------------------------------------
-
-
-def random_resized_crop_box(key: tf.Tensor, height, width, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3), attempts: int = 10):
-  """timm's box: area uniform in ``scale``, log-uniform aspect ratio, first of 10 draws that
-  fits, else a center crop with the ratio clamped. Returns (top, left, h, w) int32."""
-  h_img, w_img = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  k_area, k_ratio, k_pos = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-  area = h_img * w_img * tf.random.stateless_uniform([attempts], k_area, scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform([attempts], k_ratio, math.log(ratio[0]),
-                                              math.log(ratio[1])))
-  w = tf.round(tf.sqrt(area * aspect))
-  h = tf.round(tf.sqrt(area / aspect))
-  fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  h, w = h[first], w[first]
-  u = tf.random.stateless_uniform([2], k_pos)
-  top = tf.minimum(tf.floor(u[0] * (h_img - h + 1)), h_img - h)
-  left = tf.minimum(tf.floor(u[1] * (w_img - w + 1)), w_img - w)
-  # Fallback: the whole image, cut to the nearest allowed ratio, centred.
-  in_ratio = w_img / h_img
-  fw = tf.where(in_ratio > ratio[1], tf.round(h_img * ratio[1]), w_img)
-  fh = tf.where(in_ratio < ratio[0], tf.round(w_img / ratio[0]), h_img)
-  ok = tf.reduce_any(fits)
-  box = [tf.where(ok, top, tf.floor((h_img - fh) / 2)), tf.where(ok, left, tf.floor((w_img - fw) / 2)),
-         tf.where(ok, h, fh), tf.where(ok, w, fw)]
-  return tuple(tf.cast(v, tf.int32) for v in box)
-
-
-def resize(image: tf.Tensor, height, width, method: str = "bicubic",
-           key: Optional[tf.Tensor] = None) -> tf.Tensor:
-  """Antialiased resize (like PIL) back to uint8; method 'random' picks bilinear or bicubic."""
-  def run(name):
-    out = tf.image.resize(image, tf.stack([height, width]), method=name, antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-  if method == "random":
-    bicubic = tf.random.stateless_uniform([], key) < 0.5
-    return tf.cond(bicubic, lambda: run("bicubic"), lambda: run("bilinear"))
-  if method not in INTERPOLATIONS:
-    raise ValueError(f"data.train_interpolation={method!r} is not one of {INTERPOLATIONS}.")
-  return run(method)
 
 
 # --- Colour ops (uint8 in, uint8 out, as PIL computes them) --------------------------------------

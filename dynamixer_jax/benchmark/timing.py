@@ -1,22 +1,17 @@
 """Throughput of the real jitted train step (or the inference forward) on synthetic batches.
 
-    python -m dynamixer_jax.benchmark --model dynamixer_s --batch 8 --mode train \
-        --dtype float32 --steps 5 --repeats 3 --json /tmp/bench.json \
-        [--torch-reference DIR [--torch-pythonpath P] [--torch-compile]]
-
-The train step is the one ``train.py`` runs (``steps.make_train_step`` with the optimizer of
+The train step is the one ``train.py`` runs (``train.steps.make_train_step`` with the optimizer of
 ``configlib.base_config()``: AdamW, label smoothing, drop path, EMA), fed uint8 images that it
-normalises on the device. ``--override field=value`` (a JSON value) changes a model argument,
-``--tiny`` selects a small DynaMixer for smoke tests. ``--torch-reference`` times the official
-PyTorch model from a local checkout of github.com/ziyuwwang/DynaMixer in a subprocess
-(``torch_reference.py``) with the same batch and dtype, and prints JAX/torch ratios.
+normalises on the device. ``--torch_reference`` times the official PyTorch model from a local
+checkout of github.com/ziyuwwang/DynaMixer in a subprocess (``torch_reference.py``) with the same
+batch and dtype, and prints JAX/torch ratios.
 
 MFU = 3 x forward FLOPs x images/s / peak (the train step is counted as 3 forwards; inference
-as 1). The peak defaults to 989 TFLOP/s (H100 SXM bf16 dense, spec sheet) on a GPU; on other
-backends pass ``--peak-tflops`` or MFU is reported as n/a.
+as 1). The peak is ``--peak_tflops`` if given; otherwise MFU is n/a.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -32,40 +27,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynamixer_jax import configlib, flops, optim, sharding, steps
+from dynamixer_jax import cli
+from dynamixer_jax.benchmark import flops
+from dynamixer_jax.train import configlib, optim, sharding, steps
 
-H100_BF16_DENSE_TFLOPS = 989.0
+PROG = "python -m dynamixer_jax.benchmark"
 # A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
 TINY_OVERRIDES = dict(image_size=32, patch_size=4, num_classes=10, entries=[
     [1, 16, 2, 2, 3.0, True], [1, 32, 4, 2, 3.0, False]])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="dynamixer_s")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--mode", choices=("train", "infer"), default="train")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
-                 help="a model argument, e.g. --override image_size=32 (repeatable)")
-  p.add_argument("--tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
-  p.add_argument("--grad-accum-steps", type=int, default=1,
-                 help="train as this many micro-batches per step (config.grad_accum_steps)")
-  p.add_argument("--mesh", default="", metavar="AXIS=SIZE,...",
-                 help="shard as train.py does over a device mesh, e.g. data=8 or data=4,fsdp=2 "
-                      "(default: one device, no sharding)")
-  p.add_argument("--peak-tflops", type=float, default=None,
-                 help="peak FLOP/s for MFU (default: 989, H100 bf16 dense, on GPU only)")
-  p.add_argument("--json", default=None, metavar="PATH", help="write every field here")
-  p.add_argument("--torch-reference", default=None, metavar="DIR",
-                 help="a local checkout of github.com/ziyuwwang/DynaMixer to compare with")
-  p.add_argument("--torch-pythonpath", default="", metavar="P1:P2",
-                 help="extra sys.path entries for the torch run (e.g. a timm that imports)")
-  p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
-  return p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+  p = cli.parser("benchmark", "Images/s, step time, memory and MFU of the train step or the "
+                 "inference forward, optionally beside the official PyTorch model.", [
+                     f"{PROG} --model dynamixer_s --batch 8 --mode train --steps 2 --repeats 3",
+                     f"{PROG} --model dynamixer_s --batch 8 --mode infer --torch_reference "
+                     "/path/to/DynaMixer --torch_compile"])
+  cli.add(p, "model", default="dynamixer_s")
+  cli.add(p, "batch", type=cli.positive_int, default=8)
+  cli.add(p, "mode", choices=("train", "infer"), default="train")
+  cli.add(p, "dtype", choices=("float32", "bfloat16"), default="float32")
+  cli.add(p, "steps", type=cli.positive_int, default=5, help="timed steps per repeat")
+  cli.add(p, "repeats", type=cli.positive_int, default=3)
+  cli.add(p, "warmup", type=int, default=2, help="untimed steps after compiling")
+  cli.add(p, "override", action="append", default=[], metavar="FIELD=JSON",
+          help="a model argument, e.g. --override image_size=32 (repeatable)")
+  cli.add(p, "tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
+  cli.add(p, "grad_accum_steps", type=cli.positive_int, default=1,
+          help="train as this many micro-batches per step (config.grad_accum_steps)")
+  cli.add(p, "mesh", default="", metavar="AXIS=SIZE,...",
+          help="shard as train.py does over a device mesh, e.g. data=8 or data=4,fsdp=2 "
+               "(default: one device, no sharding)")
+  cli.add(p, "peak_tflops", type=float, default=None, help="peak FLOP/s for MFU")
+  cli.add(p, "json", default=None, metavar="PATH", help="write every field here")
+  cli.add(p, "torch_reference", default=None, metavar="DIR",
+          help="a local checkout of github.com/ziyuwwang/DynaMixer to compare with")
+  cli.add(p, "torch_pythonpath", default="", metavar="P1:P2",
+          help="extra sys.path entries for the torch run (e.g. a timm that imports)")
+  cli.add(p, "torch_compile", action="store_true", help="also time torch.compile")
+  return p
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
   for item in args.override:
     field, sep, value = item.partition("=")
     if not sep:
-      raise SystemExit(f"--override {item!r}: write FIELD=VALUE, e.g. image_size=32.")
+      raise ValueError(f"--override {item!r}: write FIELD=VALUE, e.g. image_size=32.")
     try:
       overrides[field] = json.loads(value)
     except json.JSONDecodeError:
@@ -85,7 +85,8 @@ def parse_mesh(text: str) -> dict[str, int]:
   try:
     return {axis: int(size) for axis, size in (item.split("=") for item in text.split(","))}
   except ValueError:
-    raise SystemExit(f"--mesh {text!r}: write AXIS=SIZE pairs, e.g. data=8 or data=4,fsdp=2.")
+    raise ValueError(f"--mesh {text!r}: write AXIS=SIZE pairs, e.g. data=8 or "
+                     "data=4,fsdp=2.") from None
 
 
 def make_config(args: argparse.Namespace, overrides: dict[str, Any]):
@@ -132,7 +133,20 @@ def time_steps(run, n_steps: int, repeats: int, batch: int) -> tuple[list[float]
   return rates, times
 
 
-def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Setup:
+  """A model, its train state and one synthetic batch, placed as train.py would place them."""
+  config: Any
+  num_classes: int
+  model: Any
+  tx: Any
+  schedule: Any
+  state: Any
+  batch: dict[str, jax.Array]
+  state_sharding: Any = None
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
   config, num_classes = make_config(args, model_overrides(args))
   model = steps.build_model(config, num_classes)
   size = model.image_size
@@ -144,59 +158,63 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
                                    use_ema=config.ema_decay > 0)
   if state.ema_params is not None:  # its own buffers: the step donates the whole state
     state = state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  state_sharding = None
+  setup = _Setup(config, num_classes, model, tx, schedule, state, batch)
   if args.mesh:
     mesh = sharding.create_mesh(parse_mesh(args.mesh))
-    state_sharding = sharding.state_shardings(state, mesh, config.partition_rules,
-                                              config.fsdp_min_size)
-    state = jax.device_put(state, state_sharding)
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    setup.state_sharding = sharding.state_shardings(state, mesh, config.partition_rules,
+                                                    config.fsdp_min_size)
+    setup.state = jax.device_put(state, setup.state_sharding)
+    setup.batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  return setup
 
+
+def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any], Any, float]:
+  """``(run one step, the compiled executable, compile seconds)`` for the chosen mode."""
+  start = time.perf_counter()
   if args.mode == "train":
-    placement = dict(out_shardings=(state_sharding, None)) if args.mesh else {}
-    fn = jax.jit(steps.make_train_step(model, tx, schedule, config, num_classes),
-                 donate_argnums=0, **placement)
-    start = time.perf_counter()
-    compiled = fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = [state]
+    placement = dict(out_shardings=(setup.state_sharding, None)) if args.mesh else {}
+    fn = jax.jit(steps.make_train_step(setup.model, setup.tx, setup.schedule, setup.config,
+                                       setup.num_classes), donate_argnums=0, **placement)
+    compiled = fn.lower(setup.state, setup.batch).compile()
+    holder = [setup.state]
 
     def run():
-      holder[0], metrics = compiled(holder[0], batch)
+      holder[0], metrics = compiled(holder[0], setup.batch)
       return metrics
   else:
     def forward(params, images):
-      images = steps.normalize(images, config.mean, config.std)
-      return model.apply({"params": params}, images, train=False)
-    start = time.perf_counter()
-    compiled = jax.jit(forward).lower(state.params, batch["image"]).compile()
-    compile_s = time.perf_counter() - start
-    run = lambda: compiled(state.params, batch["image"])
+      images = steps.normalize(images, setup.config.mean, setup.config.std)
+      return setup.model.apply({"params": params}, images, train=False)
+    compiled = jax.jit(forward).lower(setup.state.params, setup.batch["image"]).compile()
+    run = lambda: compiled(setup.state.params, setup.batch["image"])
+  return run, compiled, time.perf_counter() - start
 
+
+def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
+  """Every figure of one JAX measurement (see ``report`` for what they mean)."""
+  setup = _setup(args)
+  run, compiled, compile_s = _compile(args, setup)
   for _ in range(args.warmup):
     jax.block_until_ready(run())
   rates, times = time_steps(run, args.steps, args.repeats, args.batch)
-
   device = jax.devices()[0]
-  fwd_flops = flops.forward_flops(model)
+  fwd_flops = flops.forward_flops(setup.model)
   images_per_s = statistics.median(rates)
-  peak_tflops, peak_source = args.peak_tflops, "--peak-tflops"
-  if peak_tflops is None and device.platform == "gpu":
-    peak_tflops, peak_source = H100_BF16_DENSE_TFLOPS, "H100 SXM bf16 dense spec sheet (default)"
-  passes = 3 if args.mode == "train" else 1
-  achieved = passes * fwd_flops * images_per_s
-  mfu = achieved / (peak_tflops * 1e12) if peak_tflops else None
+  achieved = (3 if args.mode == "train" else 1) * fwd_flops * images_per_s
+  peak = args.peak_tflops
   return dict(
       framework="jax", model=args.model, overrides=model_overrides(args), mode=args.mode,
-      dtype=args.dtype, batch=args.batch, image_size=size, num_classes=num_classes,
-      params=int(n_params), steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+      dtype=args.dtype, batch=args.batch, image_size=setup.model.image_size,
+      num_classes=setup.num_classes,
+      params=int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
+      steps=args.steps, repeats=args.repeats, warmup=args.warmup,
       images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
       images_per_s_all=rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
-      grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None, forward_flops_per_image=fwd_flops,
-      achieved_tflops=achieved / 1e12, peak_tflops=peak_tflops,
-      peak_source=peak_source if peak_tflops else None, mfu=mfu,
+      grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
+      forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12, peak_tflops=peak,
+      peak_source="--peak_tflops" if peak else None,
+      mfu=achieved / (peak * 1e12) if peak else None,
       backend=jax.default_backend(), device=str(device.device_kind),
       device_count=jax.device_count(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
       flax_version=flax.__version__, optax_version=optax.__version__,
@@ -205,16 +223,14 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_torch_reference(args: argparse.Namespace, compile_: bool) -> dict[str, Any]:
   """The official model in a subprocess (same interpreter), parsed from its last stdout line."""
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
-  cmd = [sys.executable, script, "--dir", os.path.abspath(args.torch_reference),
-         "--pythonpath", args.torch_pythonpath, "--model", args.model, "--batch", str(args.batch),
-         "--mode", args.mode, "--dtype", args.dtype, "--steps", str(args.steps),
-         "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-  if compile_:
-    cmd.append("--compile")
+  cmd = [sys.executable, "-m", "dynamixer_jax.benchmark.torch_reference",
+         "--dir", os.path.abspath(args.torch_reference), "--pythonpath", args.torch_pythonpath,
+         "--model", args.model, "--batch", str(args.batch), "--mode", args.mode,
+         "--dtype", args.dtype, "--steps", str(args.steps), "--repeats", str(args.repeats),
+         "--warmup", str(args.warmup)] + (["--compile"] if compile_ else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
-    raise SystemExit(f"The torch reference failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"The torch reference failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -223,6 +239,7 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 
 def report(result: dict[str, Any]) -> str:
+  gib = lambda b: b and b / 2**30
   lines = [
       f"{result['model']} {result['mode']} {result['dtype']} batch {result['batch']} "
       f"{result['image_size']}px on {result['backend']} ({result['device']}, "
@@ -232,13 +249,13 @@ def report(result: dict[str, Any]) -> str:
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
       f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
       f"  compile time    {result['compile_time_s']:.1f} s",
-      f"  peak memory     {_fmt(result['peak_memory_bytes'] and result['peak_memory_bytes'] / 2**30, '.2f', ' GiB')}",
-      f"  XLA temp memory {_fmt(result['xla_temp_bytes'] and result['xla_temp_bytes'] / 2**30, '.2f', ' GiB')}",
+      f"  peak memory     {_fmt(gib(result['peak_memory_bytes']), '.2f', ' GiB')}",
+      f"  XLA temp memory {_fmt(gib(result['xla_temp_bytes']), '.2f', ' GiB')}",
       f"  forward FLOPs   {result['forward_flops_per_image'] / 1e9:.3f} GFLOP/image",
       f"  achieved        {result['achieved_tflops'] * 1e3:.1f} GFLOP/s",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
       + (f" of {result['peak_tflops']} TFLOP/s ({result['peak_source']})"
-         if result["peak_tflops"] else " (no peak: pass --peak-tflops)"),
+         if result["peak_tflops"] else " (no peak: pass --peak_tflops)"),
   ]
   for key in ("torch_eager", "torch_compile"):
     ref = result.get(key)
@@ -248,10 +265,10 @@ def report(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> dict[str, Any]:
-  args = parse_args(argv)
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+  args = build_parser().parse_args(argv)
   if args.torch_reference and (args.tiny or args.override):
-    raise SystemExit("--torch-reference runs the official model as registered; drop --tiny and "
+    raise ValueError("--torch_reference runs the official model as registered; drop --tiny and "
                      "--override.")
   result = benchmark_jax(args)
   if args.torch_reference:
@@ -266,7 +283,3 @@ def main(argv=None) -> dict[str, Any]:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
   return result
-
-
-if __name__ == "__main__":
-  main()

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dynamixer_jax import mixing, models, optim
+from dynamixer_jax import models
+from dynamixer_jax.augment import mixing
+from dynamixer_jax.train import optim
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

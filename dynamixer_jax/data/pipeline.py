@@ -1,0 +1,229 @@
+"""The host pipeline: a dataset -> host-local numpy batches of uint8 images and int32 labels.
+
+``train_batches`` is endless and resumable: batch ``start_step`` onwards equals what an
+uninterrupted run yields from that step on, because every random choice is stateless, keyed by
+(seed, epoch, example index). ``eval_batches`` is one padded pass that counts every example once
+across processes. Normalisation and batch-level augmentation happen later, on the device.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Iterator, Optional
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dynamixer_jax import preprocessing
+from dynamixer_jax.data import readable, sources, transforms
+
+Batch = dict[str, np.ndarray]
+
+
+def _options() -> tf.data.Options:
+  """Deterministic order (the resume guarantee rests on it); one thread per op, many ops at once."""
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options()).as_numpy_iterator()
+
+
+def example_key(seed: int, epoch, index) -> tf.Tensor:
+  """The stateless seed of one example's augmentation in one epoch."""
+  key = tf.constant([seed, 0], tf.int64)
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def _check_batching(batch_size: int, process_index: int, process_count: int,
+                    start_step: int = 0) -> None:
+  if batch_size < 1 or start_step < 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"Need batch_size >= 1, start_step >= 0 and 0 <= process_index < "
+                     f"process_count; got {batch_size=}, {start_step=}, {process_index=}, "
+                     f"{process_count=}.")
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpochOrder:
+  """Which examples each step takes: one permutation of the split per epoch; step s takes its
+  global batch from perm[s*G:(s+1)*G] and process i its i-th slice of it, so the global batch
+  does not depend on the number of processes."""
+  num_examples: int
+  batch_size: int  # per process
+  process_index: int
+  process_count: int
+  seed: int
+
+  @property
+  def global_batch(self) -> int:
+    return self.batch_size * self.process_count
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.num_examples // self.global_batch
+
+  def indices(self, epoch) -> tf.Tensor:
+    """This process's example indices of ``epoch``, in the order it reads them."""
+    key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 1], tf.int64), epoch)
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(self.num_examples, dtype=tf.int64), seed=key)
+    perm = tf.reshape(perm[:self.steps_per_epoch * self.global_batch],
+                      [self.steps_per_epoch, self.process_count, self.batch_size])
+    return tf.reshape(perm[:, self.process_index], [-1])
+
+  def epoch_dataset(self, epoch) -> tf.data.Dataset:
+    """(epoch, index) pairs of one epoch."""
+    indices = self.indices(epoch)
+    return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
+
+  def rows_of_step(self, step: int) -> np.ndarray:
+    epoch, offset = divmod(step, self.steps_per_epoch)
+    rows = self.indices(tf.constant(epoch, tf.int64)).numpy()
+    return rows[offset * self.batch_size:(offset + 1) * self.batch_size]
+
+
+def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Batch]:
+  """Endless per-process train batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}.
+
+  Batch ``start_step`` onwards equals what an uninterrupted run yields from that step on.
+  """
+  sources.check(data)
+  _check_batching(batch_size, process_index, process_count, start_step)
+  examples = sources.in_memory(data, train=True)
+  if examples is None:
+    return _streamed_train(data, batch_size, seed, start_step, process_index, process_count)
+  order = _EpochOrder(len(examples.labels), batch_size, process_index, process_count, seed)
+  if order.steps_per_epoch == 0:
+    raise ValueError(f"The global batch {order.global_batch} exceeds the {order.num_examples} "
+                     "train examples; use a smaller batch.")
+  make = functools.partial(_in_memory_train, data, examples, order)
+  if examples.kind != "paths":
+    return make(start_step)
+  return readable.skipping_unreadable(make, order.rows_of_step, start_step, examples.images)
+
+
+def _in_memory_train(data: ml_collections.ConfigDict, examples: sources.Examples,
+                     order: _EpochOrder, start_step: int,
+                     source: Optional[np.ndarray] = None) -> Iterator[Batch]:
+  """Train batches from ``start_step`` on; ``source`` replaces unreadable files (readable.py)."""
+  load = examples.loader(source)
+
+  def example(epoch, index):
+    image, label, _ = load(index)
+    image = transforms.preprocess_train(image, example_key(order.seed, epoch, index), data,
+                                        encoded=examples.encoded)
+    return {"image": image, "label": label}
+
+  start_epoch, skip = divmod(start_step, order.steps_per_epoch)
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(order.epoch_dataset)
+  ds = ds.skip(skip * order.batch_size)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return _batched(ds, order.batch_size)
+
+
+def _streamed_train(data, batch_size, seed, start_step, process_index,
+                    process_count) -> Iterator[Batch]:
+  """Train batches streamed from TFDS files (checked now, read lazily): one pipeline per epoch,
+  its file order and shuffle seeded by (seed, epoch, process)."""
+  builder = sources.tfds_builder(data)
+  split = tfds.even_splits(data.train_split, n=process_count, drop_remainder=True)[process_index]
+  num = sources.split_size(builder, split)
+  steps_per_epoch = num // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {num} train examples of process "
+                     f"{process_index}; use a smaller batch.")
+
+  def example(epoch, index, ex):
+    key = example_key(seed, epoch, process_index * num + index)  # Unique over processes too.
+    image = transforms.preprocess_train(ex["image"], key, data, encoded=True)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+  def epoch_batches(epoch: int, skip: int) -> Iterator[Batch]:
+    epoch_seed = int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+    ds = builder.as_dataset(
+        split=split, shuffle_files=True, decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, options=_options()))
+    ds = ds.shuffle(data.shuffle_buffer, seed=epoch_seed).take(steps_per_epoch * batch_size)
+    ds = ds.enumerate().skip(skip * batch_size)  # Skip before decoding: resuming is cheap.
+    ds = ds.map(functools.partial(example, epoch), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return _batched(ds, batch_size)
+
+  start_epoch, skip = divmod(start_step, steps_per_epoch)
+  return itertools.chain(epoch_batches(start_epoch, skip), itertools.chain.from_iterable(
+      epoch_batches(epoch, 0) for epoch in itertools.count(start_epoch + 1)))
+
+
+# --- Evaluation ----------------------------------------------------------------------------------
+
+
+def eval_batches(data: ml_collections.ConfigDict, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """One pass over the eval split, each example counted once across processes via 'mask'.
+
+  Every batch has ``batch_size`` rows and every process yields the same number of batches
+  (padding rows, and whole padding batches, have mask False), as multi-host steps need. Images
+  get the eval preprocessing of ``data`` (``preprocessing.EvalPreprocessing.from_data``).
+  """
+  sources.check(data)
+  _check_batching(batch_size, process_index, process_count)
+  prep = preprocessing.EvalPreprocessing.from_data(data)
+  examples = sources.in_memory(data, train=False)
+  if examples is None:
+    return _streamed_eval(data, prep, batch_size, process_index, process_count)
+  shards = np.array_split(np.arange(len(examples.labels), dtype=np.int64), process_count)
+  shard = shards[process_index]
+  num_rows = math.ceil(max(map(len, shards)) / batch_size) * batch_size
+
+  def from_batch(batch, source=None):
+    rows = shard[batch * batch_size:]
+    return _padded_eval(tf.data.Dataset.from_tensor_slices(rows), examples.loader(source),
+                        examples.encoded, prep, len(rows), num_rows - batch * batch_size,
+                        batch_size)
+
+  if examples.kind != "paths":
+    return from_batch(0)
+  rows_of = lambda batch: shard[batch * batch_size:(batch + 1) * batch_size]
+  return readable.skipping_unreadable(from_batch, rows_of, 0, examples.images)
+
+
+def _streamed_eval(data, prep, batch_size, process_index, process_count) -> Iterator[Batch]:
+  builder = sources.tfds_builder(data)
+  splits = tfds.even_splits(data.eval_split, n=process_count, drop_remainder=False)
+  sizes = [sources.split_size(builder, s) for s in splits]
+  ds = builder.as_dataset(split=splits[process_index], shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(options=_options()))
+  read = lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), tf.constant(True))
+  num_rows = math.ceil(max(sizes) / batch_size) * batch_size
+  return _padded_eval(ds, read, True, prep, sizes[process_index], num_rows, batch_size)
+
+
+def _padded_eval(ds: tf.data.Dataset, read, encoded: bool,
+                 prep: preprocessing.EvalPreprocessing, num_examples: int, num_rows: int,
+                 batch_size: int) -> Iterator[Batch]:
+  """``num_examples`` preprocessed examples, then blank masked rows up to ``num_rows``."""
+  def example(item):
+    image, label, is_itself = read(item)  # an unreadable file's replacement row is masked out
+    return {"image": transforms.preprocess_eval(image, prep, encoded=encoded), "label": label,
+            "mask": is_itself}
+
+  size = prep.image_size
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+             "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_rows - num_examples))
+  return _batched(ds, batch_size)
