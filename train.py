@@ -6,6 +6,7 @@ A workdir that holds checkpoints resumes.
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
@@ -55,7 +56,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     if os.environ.get("DYNAMIXER_TRACEBACK"):
       raise
-    cli.report_user_error(PROG, ValueError(str(e).strip()))
+    message = str(e).strip()
+    if "Traceback (most recent call last)" in message:  # the config file raised: its last line
+      message = message.splitlines()[-1].split(": ", 1)[-1]
+    cli.report_user_error(PROG, ValueError(message))
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:  # --config.<field> names no field of the config
+    if os.environ.get("DYNAMIXER_TRACEBACK"):
+      raise
+    text = str(e.args[0] if e.args else e)
+    close = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    cli.report_user_error(PROG, ValueError(
+        f"{', '.join(overrides) or '--config'}: the config has no such field"
+        + (f' ("{close.group(2)}"); did you mean "{close.group(1)}"?' if close else ".")
+        + " --print_config lists every field."))
     sys.exit(1)
   except cli.USER_ERRORS as e:  # raised by the config file itself (e.g. a bad :argument)
     if os.environ.get("DYNAMIXER_TRACEBACK"):
@@ -84,10 +99,13 @@ def main(argv):
   console.configure(verbose=flags.FLAGS.verbosity >= 1)
   logging.info("Workdir: %s", os.path.abspath(workdir))
   try:
-    loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir, exit_on_second_interrupt=True)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # before the loop took over Ctrl-C: nothing to save yet
+    print("\ntrain.py: interrupted before training started; nothing was saved.", file=sys.stderr)
+    sys.exit(130)
   except cli.USER_ERRORS + (checkpointing.CheckpointWriteError,) as e:
     if os.environ.get("DYNAMIXER_TRACEBACK"):
       raise

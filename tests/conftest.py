@@ -10,10 +10,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Training tests build the same small steps again and again: reuse compiled executables.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
+# Training tests build the same small steps again and again, in this process and in the train.py
+# children (which inherit the environment): reuse compiled executables.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), "dynamixer_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

@@ -136,6 +136,7 @@ def test_a_dataset_name_is_checked_against_tfds_without_downloading():
       sources.dataset_info(override(data, name=name))
 
 
+@pytest.mark.slow
 def test_train_py_stops_with_the_field_name_before_compiling(tmp_path):
   result = subprocess.run(
       [sys.executable, "train.py", "--config=tests/tiny_mock_config.py", "--workdir",

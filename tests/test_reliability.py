@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def _steps(workdir):
 # ------------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_next_start_resumes(tmp_path):
   workdir = tmp_path / "run"
   proc, log = _start(workdir, "--config.num_train_steps=200", "--config.checkpoint_every_steps=1000",
@@ -100,6 +102,56 @@ def test_sigint_stops_at_a_step_boundary_and_twice_interrupts():
   assert preemption.Preempted(signal.SIGINT, 5, "d").exit_code == 130
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_at_the_next_step_and_twice_exits_at_once_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  proc, log = _start(workdir, "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+                     "--config.eval_every_epochs=100")
+  _wait_for(lambda: "step 3/400" in _read(log), proc, "step 3")
+  at_signal = max(int(n) for n in re.findall(r"step (\d+)/400", _read(log)))
+  proc.send_signal(signal.SIGINT)
+  code, out = _finish(proc, log)
+  assert code == 130, out[-3000:]
+  stopped = int(re.search(r"Stopping: saving step (\d+)\.", out).group(1))
+  assert at_signal <= stopped <= at_signal + 3, (at_signal, stopped)  # the next step, not later
+  assert f"Stopped by SIGINT after step {stopped}: saved, exiting" in out
+  assert _steps(workdir) == [stopped] and "Traceback" not in out
+
+  # A second Ctrl-C while the save is under way (held there by the fault hook) exits at once.
+  workdir = tmp_path / "again"
+  proc, log = _start(workdir, "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+                     "--config.eval_every_epochs=100", DYNAMIXER_FAULTS="save_pause@1+")
+  _wait_for(lambda: "step 3/400" in _read(log), proc, "step 3")
+  proc.send_signal(signal.SIGINT)
+  _wait_for(lambda: glob.glob(str(workdir / "fault_paused_at_*")), proc, "the stop's save")
+  proc.send_signal(signal.SIGINT)
+  code, out = _finish(proc, log)
+  assert code == 130, out[-3000:]
+  assert "Interrupted again: exiting now" in out and "Traceback" not in out, out[-3000:]
+  assert _steps(workdir) == []  # nothing half-written is a checkpoint
+
+
+@pytest.mark.slow
+def test_the_signal_handlers_are_restored_when_the_loop_returns(tmp_path):
+  """train_and_evaluate in a process of its own (never in pytest's): the SIGTERM and SIGINT
+  handlers after it are the ones before it."""
+  code = ("import signal, sys\n"
+          "from dynamixer_jax import recipes\n"
+          "from dynamixer_jax.train import loop\n"
+          "before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]\n"
+          "config = recipes.load(sys.argv[1])\n"
+          "config.num_train_steps = 2\n"
+          "loop.train_and_evaluate(config, sys.argv[2])\n"
+          "after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]\n"
+          "print('restored' if after == before else f'changed: {before} -> {after}')\n")
+  result = subprocess.run([sys.executable, "-c", code, TINY, str(tmp_path / "run")], cwd=ROOT,
+                          env=_child_env(), capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT_S)
+  assert result.returncode == 0 and result.stdout.strip().endswith("restored"), (
+      result.stdout + result.stderr[-3000:])
+
+
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   proc, log = _start(workdir, "--config.num_train_steps=10", "--config.eval_every_epochs=100",
@@ -210,6 +262,7 @@ def test_a_failed_save_is_logged_and_retried_at_the_next_interval(tmp_path, monk
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_failed_saves_in_a_row_stop_the_run_with_the_previous_checkpoint_intact(tmp_path):
   code, out = _run_child(tmp_path / "run", "--config.num_train_steps=20",
                          "--config.max_checkpoint_failures=2", "--config.eval_every_epochs=100",

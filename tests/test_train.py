@@ -37,7 +37,7 @@ def tiny_config(**data):
   config.log_every_steps = 2
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 2
-  config.mesh = {"data": -1}
+  config.mesh = {"data": 1}  # one device: the mesh has tests of its own (test_sharding.py)
   for k, v in data.items():
     config.data[k] = v
   return config
@@ -141,8 +141,8 @@ def test_padded_eval_counts_every_example_once():
   # The same accuracy as counting by hand over the 48 real examples.
   images = np.concatenate([b["image"][b["mask"]] for b in batches])
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
-  logits = model.apply({"params": state.params},
-                       steps.normalize(jnp.asarray(images), config.mean, config.std))
+  logits = jax.jit(model.apply)({"params": state.params},
+                                steps.normalize(jnp.asarray(images), config.mean, config.std))
   assert results["eval_top1"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)))
   assert results["eval_ema_top1"] == results["eval_top1"]  # EMA == params at init
 
@@ -217,6 +217,7 @@ def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="optim.lr"):
     configlib.validate(config)
   config = tiny_config()
+  config.mesh = {"data": -1}
   config.batch_size = 12  # 8 devices
   with pytest.raises(ValueError, match="batch_size=12 must be divisible by the number of devices"):
     loop.train_and_evaluate(config, "/nonexistent/never/written", handle_signals=False)
@@ -244,3 +245,31 @@ def test_quickstart_trains_to_the_readme_accuracy_and_prints_a_readable_console(
   assert sum("step 550 eval" in line for line in lines) == 1  # no duplicated metric lines
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
   assert os.listdir(tmp_path / "checkpoints")
+
+
+def test_evaluate_preprocesses_as_the_run_that_made_the_checkpoint(tmp_path):
+  """The eval-preprocessing record goes from the config into the checkpoint and back out to
+  evaluate: with eval_crop='resize' on non-square images, evaluate squashes as training did."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.weights import store  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 8), ("val", 4)):
+    for c in range(2):
+      os.makedirs(tmp_path / "images" / split / f"class_{c}")
+      for i in range(count):  # wide images: a center crop and a squash differ
+        pixels = rng.integers(0, 255, (20, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / split / f"class_{c}" / f"{i}.png")
+  config = tiny_config(name="folder", data_dir=str(tmp_path / "images"), mock=False,
+                       eval_crop="resize", eval_interpolation="bilinear")
+  config.batch_size = config.eval_batch_size = 8
+  _run(config, tmp_path / "run", 2)
+  meta = store.load(str(tmp_path / "run"))[2]
+  assert (meta["preprocessing"]["crop"], meta["preprocessing"]["interpolation"]) == (
+      "resize", "bilinear")
+  rebuilt = evaluate.data_config(meta, "folder", str(tmp_path / "images"), split="val")
+  want = next(pipeline.eval_batches(config.data, batch_size=8))["image"]
+  got = next(pipeline.eval_batches(rebuilt.data, batch_size=8))["image"]
+  np.testing.assert_array_equal(got, want)
+  assert rebuilt.mean == config.mean and rebuilt.std == config.std

@@ -54,6 +54,7 @@ def official_pth(tmp_path_factory):
   return path, params
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_loadable_checkpoint_with_metadata(official_pth, tmp_path):
   out = tmp_path / "converted"
   printed = _cli("dynamixer_jax.convert", official_pth[0], out).stdout
@@ -67,6 +68,7 @@ def test_convert_cli_writes_a_loadable_checkpoint_with_metadata(official_pth, tm
   assert prep["mean"] == list(preprocessing.IMAGENET_MEAN)
 
 
+@pytest.mark.slow
 def test_export_round_trip_is_identical(saved_weights, official_pth, tmp_path):
   torch = _torch()
   out = tmp_path / "back.pth"
@@ -88,6 +90,7 @@ def test_saved_weights_load_back_quietly_with_the_official_logits(saved_weights,
   assert meta["model"]["family"] == "dynamixer" and meta["model"]["name"] is None
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_models_own_top1(saved_weights):
   out = _cli("dynamixer_jax.evaluate", "--checkpoint", saved_weights, "--dataset", "cifar10",
              "--mock", "--batch_size", "24", "--json").stdout
@@ -129,6 +132,7 @@ def test_read_rgb_handles_every_mode(tmp_path):
   np.testing.assert_array_equal(predict.read_rgb(str(paths["gray16.png"]))[..., 1], rgb[..., 0])
 
 
+@pytest.mark.slow
 def test_predict_cli_prints_top5_and_writes_json_and_csv(saved_weights, tmp_path):
   _, paths = _images(tmp_path)
   files = [str(p) for p in paths.values()]
@@ -195,6 +199,7 @@ def test_mixer_npz_is_named_by_what_it_is(mixer_tiny, tmp_path):
   assert metadata_lib.describe(models.create_model("mixer_b16", num_classes=10)) == "mixer_b16"
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path):
   bad = _cli("dynamixer_jax.convert", "x.bin", tmp_path, expect=1)
   assert "neither an official .pth" in bad.stderr and "Traceback" not in bad.stderr

@@ -123,9 +123,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 
 def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer) -> TrainState:
   """The newest good checkpoint of the workdir, else ``init_from``'s weights, else fresh."""
+  _check_same_run(checkpointer, run.config)  # before anything compiles: a refusal is quick
   init_key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 0)
   state = jax.jit(run.make_state, out_shardings=run.state_sharding)(init_key)
-  _check_same_run(checkpointer, run.config)
   restored = checkpointer.restore_newest_good(checkpointing.abstract(state))
   if restored is not None:
     logging.info("Resumed from step %d in %s", int(restored[0].step), checkpointer.directory)
@@ -188,23 +188,26 @@ def init_from(path: str, state: TrainState) -> TrainState:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       handle_signals: bool = True) -> TrainState:
+                       handle_signals: bool = True,
+                       exit_on_second_interrupt: bool = False) -> TrainState:
   """Train ``config`` in ``workdir``, resuming from its newest checkpoint if there is one.
 
-  With ``handle_signals`` (train.py's case), SIGTERM and Ctrl-C stop the run at the next step
-  boundary after saving it (``preemption.Preempted``); the previous handlers are back when this
-  returns or raises.
+  With ``handle_signals``, SIGTERM and Ctrl-C stop the run at the next step boundary after
+  saving it (``preemption.Preempted``), and the previous handlers are back when this returns or
+  raises; ``exit_on_second_interrupt`` (train.py) makes a second Ctrl-C end the process at once.
   """
   run = _setup(config, workdir)
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints,
                                   max_failures=config.max_checkpoint_failures) as checkpointer:
     state = _restore_or_init(run, checkpointer)
-    return _run(run, state, checkpointer, handle_signals)
+    watcher = (preemption.PreemptionWatcher(exit_on_second_interrupt) if handle_signals
+               else None)
+    return _run(run, state, checkpointer, watcher)
 
 
 def _run(run: _Run, state: TrainState, checkpointer: checkpointing.Checkpointer,
-         handle_signals: bool) -> TrainState:
+         watcher: Optional[preemption.PreemptionWatcher]) -> TrainState:
   config, start_step = run.config, int(state.step)
   train_step = jax.jit(make_train_step(run.model, run.tx, run.schedule, config,
                                        run.info.num_classes),
@@ -222,15 +225,18 @@ def _run(run: _Run, state: TrainState, checkpointer: checkpointing.Checkpointer,
                name, config.data.name, run.total_steps, run.steps_per_epoch, config.batch_size,
                run.mesh.devices.size)
   metrics_buffer = _MetricsBuffer(checkpointer)
-  results = None
-  watcher = preemption.PreemptionWatcher() if handle_signals else contextlib.nullcontext()
-  with watcher:
-    stopping = lambda: handle_signals and watcher.signal is not None
+  results, previous = None, None
+  stopping = lambda: watcher is not None and watcher.signal is not None
+  with watcher or contextlib.nullcontext():
     for step in range(start_step + 1, run.total_steps + 1):
       state, metrics = train_step(state, sharding.to_global(next(batches), run.mesh))
       metrics_buffer.add(step, metrics)
+      # At most one step in flight behind this one: a stop request is answered at the next step,
+      # not after a queue of dispatched ones.
+      jax.block_until_ready(previous)
+      previous = metrics
       last = step == run.total_steps
-      stop = handle_signals and watcher.should_stop(step)
+      stop = watcher is not None and watcher.should_stop(step)
       if step % config.log_every_steps == 0 or last or stop:
         summary = metrics_buffer.summary()
         writer.write_scalars(step, summary)
@@ -242,6 +248,8 @@ def _run(run: _Run, state: TrainState, checkpointer: checkpointing.Checkpointer,
           writer.write_scalars(step, results)
           logging.info(console.eval_line(step, results))
       if last or stop:  # these cannot be retried later: write and wait
+        if stop:
+          logging.warning("Stopping: saving step %d.", step)
         metrics_buffer.check()  # never save a state that went non-finite
         checkpointer.save_now(step, state, run.metadata)
         writer.flush()

@@ -9,6 +9,7 @@ answer True at the same step, so they all save the same one.
 
 import os
 import signal
+import sys
 from typing import Optional
 
 import jax
@@ -16,12 +17,18 @@ from absl import logging
 
 
 class PreemptionWatcher:
-  """Records SIGTERM/SIGINT; a second SIGINT interrupts at once (the usual Ctrl-C twice)."""
+  """Records SIGTERM/SIGINT; a second SIGINT interrupts at once (the usual Ctrl-C twice).
 
-  def __init__(self):
+  ``exit_on_second_interrupt`` (train.py): the second Ctrl-C ends the process with one line and
+  status 130, without waiting for anything (checkpoints are atomic: a half-written one is never
+  used). Otherwise (a notebook, where exiting would kill the kernel) it raises KeyboardInterrupt.
+  """
+
+  def __init__(self, exit_on_second_interrupt: bool = False):
     self.signal: Optional[int] = None
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
+    self._exit_on_second = exit_on_second_interrupt
 
   def __enter__(self) -> "PreemptionWatcher":
     # On several processes JAX's own SIGTERM listener must stay installed: it is what tells the
@@ -37,11 +44,16 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      if self._exit_on_second:
+        sys.stderr.write("\nInterrupted again: exiting now, without the checkpoint of this step "
+                         "(the previous checkpoints are intact).\n")
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
+      raise KeyboardInterrupt
     self.signal = signum
-    logging.warning("Received %s: finishing the current step, then saving a checkpoint and "
-                    "exiting (press Ctrl-C again to stop at once).", signal.Signals(signum).name)
+    logging.warning("Received %s: stopping after this step and saving it (press Ctrl-C again to "
+                    "stop at once, without saving).", signal.Signals(signum).name)
     if self._multiprocess and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)
 
@@ -61,8 +73,9 @@ class Preempted(Exception):
 
   def __init__(self, signum: int, step: int, directory: str):
     self.signum, self.step = signum, step
-    super().__init__(f"Stopped by {signal.Signals(signum).name} after step {step}; its "
-                     f"checkpoint is in {directory}. Rerun the same command to resume.")
+    super().__init__(f"Stopped by {signal.Signals(signum).name} after step {step}: saved, "
+                     f"exiting. The checkpoint is in {directory}; rerun the same command to "
+                     "resume.")
 
   @property
   def exit_code(self) -> int:
