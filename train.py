@@ -95,7 +95,7 @@ def main(argv):
   import dynamixer_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TensorFlow, quietly)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data runs on the host; the GPU is JAX's
-  from dynamixer_jax.train import checkpointing, console, loop, preemption  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import checkpointing, console, loop, preemption, workdir_lock  # pylint: disable=g-import-not-at-top
   console.configure(verbose=flags.FLAGS.verbosity >= 1)
   logging.info("Workdir: %s", os.path.abspath(workdir))
   try:
@@ -106,7 +106,7 @@ def main(argv):
   except KeyboardInterrupt:  # before the loop took over Ctrl-C: nothing to save yet
     print("\ntrain.py: interrupted before training started; nothing was saved.", file=sys.stderr)
     sys.exit(130)
-  except cli.USER_ERRORS + (checkpointing.CheckpointWriteError,) as e:
+  except cli.USER_ERRORS + (checkpointing.CheckpointWriteError, workdir_lock.WorkdirInUse) as e:
     if os.environ.get("DYNAMIXER_TRACEBACK"):
       raise
     # What went wrong and what to do, without a traceback through our code and XLA's.

@@ -18,7 +18,7 @@ mean/std; EMA weights of the ImageNet checkpoint, head dropped. No RandAugment, 
 smoothing or EMA. ``optim.backbone_lr_mult`` (1.0 = off) mimics its --transfer-learning groups
 (0.01 x lr for patch_embed and network, lr for the head); the official script by accident
 leaves the final norm out of every group, freezing it; we do not: it trains with the backbone.
-Differences: our resizes are antialiased bicubic at test time (torchvision: bilinear).
+Differences: our resizes are TensorFlow's antialiased ones (torchvision: PIL's).
 """
 
 import ml_collections
@@ -39,10 +39,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data.image_size = config.data.eval_resize = 224
   config.data.train_crop = "resize_pad_crop"  # Resize(224), RandomCrop(224, padding=28)
   config.data.pad = 28
-  config.data.hflip = True
-  config.data.randaugment = ""
+  config.augment.hflip = True
+  config.augment.randaugment = ""
   config.data.train_interpolation = "bilinear"  # torchvision Resize's default
   config.data.eval_crop = "resize"  # Resize((224, 224))
+  config.data.eval_interpolation = "bilinear"  # torchvision Resize's default
   config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
   config.augment.erase_prob = 0.0
   config.label_smoothing = 0.0

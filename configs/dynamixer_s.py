@@ -17,7 +17,7 @@ def get_config(arg=None):
   config.model.drop_path_rate = 0.1
   config.batch_size = config.eval_batch_size = 2048
   config.data.eval_resize = 248  # crop_pct 0.9
-  config.data.randaugment = "rand-m9-mstd0.5-inc1"  # --aa
+  config.augment.randaugment = "rand-m9-mstd0.5-inc1"  # --aa, on the device
   config.data.train_interpolation = "random"
   config.augment.chunk_size = 256  # mixup/cutmix lambda per official per-GPU batch (-b 256)
   return config.lock()

@@ -23,19 +23,19 @@ def get_config(arg=None):
   config.data.eval_resize = 32
   config.data.train_crop = "resize_pad_crop"
   config.data.pad = 2
-  config.data.hflip = False  # a mirrored 2 is not a 2
-  config.data.randaugment = ""  # no RandAugment, mixup, cutmix or erasing: 8x8 digits
+  config.augment.hflip = False  # a mirrored 2 is not a 2
+  config.augment.randaugment = ""  # no RandAugment, mixup, cutmix or erasing: 8x8 digits
   config.data.train_interpolation = "bicubic"
   config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
   config.augment.erase_prob = 0.0
   config.mean = config.std = (0.5, 0.5, 0.5)
   config.batch_size = config.eval_batch_size = 64
-  config.num_epochs = 25
+  config.num_epochs = 15
   config.optim.lr = 2e-3
   config.schedule.warmup_epochs = 2
   config.schedule.cooldown_epochs = 0
   config.schedule.per_epoch = False
-  config.ema_decay = 0.99
+  config.ema_decay = 0.98  # the EMA of a short run: about the last 50 steps
   config.log_every_steps = 50
   config.eval_every_epochs = 5
   config.checkpoint_every_steps = 200

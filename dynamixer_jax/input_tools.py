@@ -1,14 +1,16 @@
 r"""Look at and time the train input pipeline.
 
-  python -m dynamixer_jax.input_tools throughput --config=configs/dynamixer_s.py \
-      --config.data.mock=True --batches=20
+  python -m dynamixer_jax.input_tools throughput --config=configs/dynamixer_s.py --jpegs=300
   python -m dynamixer_jax.input_tools grid --config=configs/dynamixer_s.py --photos \
       --out=samples.png
 
-``throughput`` reports host images/s of the tf.data train pipeline (decode, crop, flip,
-RandAugment) on this machine's cores. ``grid`` draws a batch after the on-device step too
-(mixup / cutmix, random erasing), denormalised. ``--photos`` trains on the two photographs that
-ship with scikit-learn (a generated image folder), so the grid shows real images offline.
+``throughput`` reports host images/s of the tf.data train pipeline (the host's part: decode the
+crop, resize) on this machine's cores, per core, and how many host cores an accelerator needs at
+a few rates. ``--jpegs=N`` times it on a folder of N ImageNet-sized JPEGs made from
+scikit-learn's two photos by random crops and resizes (``--jpeg_dir`` keeps them for another
+run). ``grid`` draws a batch after the device augmentation too (flip, RandAugment, mixup /
+cutmix, random erasing), denormalised. ``--photos`` uses the two photographs themselves (a
+generated image folder), so the grid shows real images offline.
 """
 
 import os
@@ -26,6 +28,12 @@ _OUT = flags.DEFINE_string("out", "samples.png", "grid: output PNG.")
 _ROWS = flags.DEFINE_integer("rows", 4, "grid: rows of 8 images.")
 _PHOTOS = flags.DEFINE_bool("photos", False, "grid/throughput: use scikit-learn's sample photos.")
 _STEP = flags.DEFINE_integer("step", 0, "grid: the train step whose device augmentation to show.")
+_JPEGS = flags.DEFINE_integer("jpegs", 0, "throughput: time on this many ImageNet-sized JPEGs.")
+_JPEG_DIR = flags.DEFINE_string("jpeg_dir", "", "throughput: where the --jpegs folder is made "
+                                "(reused if it exists; default: a temporary folder).")
+# Sizes common in ImageNet (width x height); most photos there are 4:3 or 3:4 at about 500 px.
+IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (640, 480), (800, 600),
+                  (333, 500), (500, 500))
 flags.mark_flags_as_required(["config"])
 
 
@@ -40,6 +48,34 @@ def photo_folder(root: str, copies: int = 32) -> str:
       for i in range(copies if split == "train" else 1):
         Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.jpg"), quality=95)
   return root
+
+
+def jpeg_folder(root: str, count: int, seed: int = 0) -> str:
+  """An image folder of ``count`` train JPEGs (2 classes, quality 90, 4:2:0 chroma as most
+  photos) at ImageNet's common sizes, each a random crop of one of scikit-learn's two photos."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(root, "train")):
+    return root
+  photos = datasets.load_sample_images().images
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", count), ("val", 2)):
+    for i in range(n):
+      label = i % 2
+      photo = photos[label]
+      h, w = photo.shape[:2]
+      ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      size = IMAGENET_SIZES[int(rng.integers(len(IMAGENET_SIZES)))]
+      image = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(size, Image.BICUBIC)
+      os.makedirs(os.path.join(root, split, f"class_{label}"), exist_ok=True)
+      image.save(os.path.join(root, split, f"class_{label}", f"{i:05d}.jpg"), quality=90)
+  return root
+
+
+def host_cores() -> int:
+  """The cores this process may run on (what tf.data's AUTOTUNE can use)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def throughput(config, batch_size: int, num_batches: int) -> float:
@@ -57,18 +93,16 @@ def throughput(config, batch_size: int, num_batches: int) -> float:
 def augmented_batch(config, batch_size: int, step: int):
   """One train batch after the host pipeline and the device augmentation, as uint8 images."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dynamixer_jax.augment import mixing  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.augment import device  # pylint: disable=g-import-not-at-top
   from dynamixer_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  from dynamixer_jax.train import steps  # pylint: disable=g-import-not-at-top
   num_classes = sources.dataset_info(config.data).num_classes
   batch = next(pipeline.train_batches(config.data, batch_size=batch_size, seed=config.seed))
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2), step)
-  augment = config.augment.copy_and_resolve_references()
-  with augment.unlocked():
-    augment.chunk_size = min(augment.chunk_size, batch_size)
-  images = steps.normalize(batch["image"], config.mean, config.std)
-  images, targets = jax.jit(lambda k, x, y: mixing.augment_batch(
-      k, x, y, num_classes, config.label_smoothing, augment))(key, images, batch["label"])
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.augment.chunk_size = min(config.augment.chunk_size, batch_size)
+  images, targets = jax.jit(lambda k, x, y: device.augment_batch(
+      k, x, y, num_classes, config))(key, batch["image"], batch["label"])
   images = np.asarray(images) * np.array(config.std) * 255 + np.array(config.mean) * 255
   return np.clip(np.round(images), 0, 255).astype(np.uint8), np.asarray(targets)
 
@@ -97,14 +131,20 @@ def main(argv):
     if _PHOTOS.value:
       with config.unlocked():
         config.data.name, config.data.data_dir = "folder", photo_folder(tmp)
+    if _JPEGS.value:
+      with config.unlocked():
+        config.data.name = "folder"
+        config.data.data_dir = jpeg_folder(_JPEG_DIR.value or tmp, _JPEGS.value)
     if argv[1] == "throughput":
       with config.unlocked():
         config.data.mock_num_examples = max(config.data.mock_num_examples, 4 * _BATCH_SIZE.value)
-      rate = throughput(config, _BATCH_SIZE.value, _BATCHES.value)
+      rate, cores = throughput(config, _BATCH_SIZE.value, _BATCHES.value), host_cores()
       print(f"{config.data.name}{' (mock)' if config.data.mock else ''} at "
-            f"{config.data.image_size} px, randaugment={config.data.randaugment!r}: "
-            f"{rate:.0f} host images/s on {os.cpu_count()} CPU cores "
-            f"(tf.data AUTOTUNE uses all of them)")
+            f"{config.data.image_size} px, train_crop={config.data.train_crop!r} (host: decode "
+            f"the crop, resize): {rate:.0f} host images/s on {cores} cores = "
+            f"{rate / cores:.0f} images/s per host core")
+      print("host cores needed per accelerator at " + ", ".join(
+          f"{n} img/s: {n / (rate / cores):.1f}" for n in (1000, 2000, 5000)))
     else:
       images, targets = augmented_batch(config, 8 * _ROWS.value, _STEP.value)
       save_grid(images, _OUT.value)

@@ -28,10 +28,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       # A typed placeholder (None = the TFDS default), so --config.data.data_dir=DIR can set it.
       data_dir=ml_collections.config_dict.placeholder(str),
       train_split="train", eval_split="validation",
-      image_size=224, train_crop="random_resized", pad=4, hflip=True, shuffle_buffer=10_000,
+      image_size=224, train_crop="random_resized", pad=4, shuffle_buffer=10_000,
       mock=False, mock_num_examples=64,
-      # Off here (a neutral pipeline); base_config turns on the official recipe.
-      randaugment="",  # timm policy string, e.g. 'rand-m9-mstd0.5-inc1'; '' = none
       train_interpolation="bicubic",  # 'random' (bilinear or bicubic per image), 'bicubic', 'bilinear'
       # Evaluation: 'center' resizes the shorter side to eval_resize, then center-crops
       # image_size (torchvision's Resize + CenterCrop); 'resize' squashes to image_size.
@@ -79,12 +77,8 @@ def validate_data(data: ml_collections.ConfigDict, prefix: str = "data") -> None
       fail(f"{prefix}.{field}", data[field], "it must be a positive integer")
   if not (is_int(data.pad) and data.pad >= 0):
     fail(f"{prefix}.pad", data.pad, "use an integer >= 0")
-  for field in ("mock", "hflip"):
-    if not isinstance(data[field], bool):
-      fail(f"{prefix}.{field}", data[field], "use True or False")
-  if not isinstance(data.randaugment, str):
-    fail(f"{prefix}.randaugment", data.randaugment, "use a policy string such as "
-         "'rand-m9-mstd0.5-inc1', or '' for none")
+  if not isinstance(data.mock, bool):
+    fail(f"{prefix}.mock", data.mock, "use True or False")
   if not (is_int(data.eval_resize) and data.eval_resize >= data.image_size):
     fail(f"{prefix}.eval_resize", data.eval_resize,
          f"use an integer >= data.image_size={data.image_size} (the eval center crop)")
@@ -141,3 +135,16 @@ class EvalPreprocessing:
     """Set the eval fields of a data config to this record (the mean/std live on the config)."""
     data.image_size, data.eval_resize = self.image_size, self.resize
     data.eval_crop, data.eval_interpolation = self.crop, self.interpolation
+
+
+def digits_splits() -> tuple[tuple, tuple]:
+  """scikit-learn's 1,797 digits as ((train images, labels), (held-out images, labels)): uint8
+  RGB 8x8, split 80/20, stratified with a fixed seed (the quickstart's data, no TensorFlow)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  data = datasets.load_digits()
+  images = np.repeat(np.round(data.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
+  labels = data.target.astype(np.int32)
+  train, test = model_selection.train_test_split(
+      np.arange(len(images)), test_size=0.2, stratify=data.target, random_state=0)
+  return (images[train], labels[train]), (images[test], labels[test])

@@ -42,3 +42,10 @@ def dynamixer_tiny() -> dict:
 @pytest.fixture
 def mixer_tiny() -> dict:
   return load_fixture("mixer_tiny.npz")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests (children, several processes, the notebook) first: with two workers they
+  then overlap the many quick ones instead of running alone at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

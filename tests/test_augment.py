@@ -1,6 +1,10 @@
-"""Augmentation: RandAugment ops against PIL, crop and erasing statistics, mixup/cutmix targets,
-mesh independence, determinism. Small images only: the whole file runs in well under a minute."""
+"""Augmentation: the host crop (window from the JPEG header, decode-and-crop), the eval geometry
+of torchvision, crop and erasing statistics, mixup/cutmix targets, and the device augmentation
+the same on any mesh and in either batching. The RandAugment ops themselves: test_randaugment.py.
+Small images only."""
 
+import functools
+import io
 import math
 
 import jax
@@ -9,20 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+from sklearn.datasets import load_sample_image
 
 from dynamixer_jax import preprocessing
-from dynamixer_jax.augment import mixing
+from dynamixer_jax.augment import device, mixing
 from dynamixer_jax.data import pipeline, sources, transforms
-from dynamixer_jax.data import tf_randaugment as augment
 from dynamixer_jax.train import configlib
-
-# Identity at magnitude 0 in timm too; the rest change the image whatever the magnitude
-# (PosterizeIncreasing keeps 4 bits at magnitude 0).
-IDENTITY_AT_ZERO = {"Rotate", "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
-                    "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX",
-                    "ShearY", "TranslateXRel", "TranslateYRel"}
-GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 
 
 def smooth_image(height=32, width=40, seed=0):
@@ -30,96 +27,6 @@ def smooth_image(height=32, width=40, seed=0):
   base = np.random.default_rng(seed).integers(0, 256, (6, 8, 3)).astype(np.uint8)
   image = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC))
   return (image * 0.8 + 20).astype(np.uint8)
-
-
-def pil_reference(name, image, magnitude, sign):
-  """timm 0.4.12's op as PIL computes it, from the documented magnitude ranges."""
-  pil, level, fill = Image.fromarray(image), magnitude / 10, augment.FILL
-  factor = 1 + sign * level * 0.9
-  affine = lambda m: pil.transform(pil.size, Image.AFFINE, m, resample=Image.BILINEAR,
-                                   fillcolor=fill)
-  w, h = pil.size
-  out = {
-      "AutoContrast": lambda: ImageOps.autocontrast(pil),
-      "Equalize": lambda: ImageOps.equalize(pil),
-      "Invert": lambda: ImageOps.invert(pil),
-      "Rotate": lambda: pil.rotate(sign * level * 30, resample=Image.BILINEAR, fillcolor=fill),
-      "PosterizeIncreasing": lambda: ImageOps.posterize(pil, 4 - int(level * 4)),
-      "SolarizeIncreasing": lambda: ImageOps.solarize(pil, 256 - int(level * 256)),
-      "SolarizeAdd": lambda: Image.fromarray(np.where(
-          image < 128, np.minimum(image.astype(int) + int(level * 110), 255), image
-      ).astype(np.uint8)),
-      "ColorIncreasing": lambda: ImageEnhance.Color(pil).enhance(factor),
-      "ContrastIncreasing": lambda: ImageEnhance.Contrast(pil).enhance(factor),
-      "BrightnessIncreasing": lambda: ImageEnhance.Brightness(pil).enhance(factor),
-      "SharpnessIncreasing": lambda: ImageEnhance.Sharpness(pil).enhance(factor),
-      "ShearX": lambda: affine((1, sign * level * 0.3, 0, 0, 1, 0)),
-      "ShearY": lambda: affine((1, 0, 0, sign * level * 0.3, 1, 0)),
-      "TranslateXRel": lambda: affine((1, 0, sign * level * 0.45 * w, 0, 1, 0)),
-      "TranslateYRel": lambda: affine((1, 0, 0, 0, 1, sign * level * 0.45 * h)),
-  }[name]()
-  return np.asarray(out).astype(int)
-
-
-def ours(name, image, magnitude, sign):
-  return augment.apply_op(name, tf.constant(image), tf.constant(float(magnitude)),
-                          tf.constant(float(sign))).numpy().astype(int)
-
-
-def test_policy_string_is_parsed_as_timm_does():
-  assert augment.parse_policy("") is None
-  policy = augment.parse_policy("rand-m9-mstd0.5-inc1")
-  assert (policy.num_ops, policy.magnitude, policy.magnitude_std, policy.prob) == (2, 9, 0.5, 0.5)
-  assert augment.parse_policy("rand-n3-m7-inc1").num_ops == 3
-  with pytest.raises(ValueError, match="cannot read 'x9'"):
-    augment.parse_policy("rand-x9-inc1")
-  with pytest.raises(ValueError, match="only RandAugment"):
-    augment.parse_policy("augmix-m5")
-  assert len(augment.OPS) == 15
-
-
-@pytest.mark.parametrize("name", augment.OPS)
-def test_op_at_magnitude_zero_is_identity_where_timms_is(name):
-  image = smooth_image()
-  out = ours(name, image, 0, 1)
-  assert np.array_equal(out, image) == (name in IDENTITY_AT_ZERO)
-  np.testing.assert_array_equal(out, pil_reference(name, image, 0, 1))
-
-
-@pytest.mark.parametrize("name", augment.OPS)
-def test_op_at_magnitude_nine_matches_pil(name):
-  image = smooth_image()
-  for sign in (1, -1):
-    out, ref = ours(name, image, 9, sign), pil_reference(name, image, 9, sign)
-    assert not np.array_equal(out, image)
-    diff = np.abs(out - ref)
-    if name in GEOMETRIC:
-      # Same transform; PIL cuts bilinear sampling hard at the border, tf blends with the fill.
-      assert diff.mean() < 1.5 and np.mean(diff > 2) < 0.06, (diff.mean(), np.mean(diff > 2))
-    else:
-      assert diff.max() <= 1, diff.max()
-
-
-def test_magnitude_noise_has_the_policy_std():
-  policy = augment.parse_policy("rand-m9-mstd0.5-inc1")
-  keys = tf.random.experimental.stateless_split(tf.constant([0, 7], tf.int64), 4000)
-  mags = tf.vectorized_map(lambda k: augment.draw_magnitude(k, policy), keys).numpy()
-  assert mags.min() >= 0 and mags.max() <= 10
-  expected = np.clip(9 + 0.5 * np.random.default_rng(0).standard_normal(1_000_000), 0, 10)
-  assert abs(mags.mean() - expected.mean()) < 0.03
-  assert abs(mags.std() - expected.std()) < 0.03  # 0.5 before the clip at 10
-  assert abs(np.mean(mags == 10) - np.mean(expected == 10)) < 0.01
-
-
-def test_rand_augment_is_a_function_of_the_key():
-  image, policy = tf.constant(smooth_image()), augment.parse_policy("rand-m9-mstd0.5-inc1")
-  key = tf.constant([3, 4], tf.int64)
-  first = augment.rand_augment(image, key, policy).numpy()
-  np.testing.assert_array_equal(first, augment.rand_augment(image, key, policy).numpy())
-  outs = [augment.rand_augment(image, tf.constant([3, k], tf.int64), policy).numpy()
-          for k in range(12)]
-  unchanged = sum(np.array_equal(o, smooth_image()) for o in outs)
-  assert 0 < unchanged < 8  # Both ops skipped with probability 1/4.
 
 
 def _timm_rrc_areas(height, width, draws, rng):
@@ -235,20 +142,49 @@ def test_switch_between_mixup_and_cutmix_and_off_means_smoothed_one_hot():
   np.testing.assert_allclose(targets, jax.nn.one_hot(labels, 10) * 0.9 + 0.01, rtol=1e-6)
 
 
-def test_device_augmentation_is_the_same_on_1_and_8_devices():
+def _device_config(**augment):
+  config = configlib.base_config()
+  config.augment.update(dict(chunk_size=8, erase_prob=0.5, **augment))
+  return config
+
+
+@functools.cache
+def _augment_on(num_devices: int, batching: str):
+  """Flip, RandAugment, mixup/cutmix and erasing of one global batch of photo crops."""
+  photo = np.asarray(Image.fromarray(load_sample_image("china.jpg")).resize((48, 32)))
+  images = jnp.asarray(np.stack([np.roll(photo, 3 * i, axis=1) for i in range(16)]))
+  labels = jnp.arange(16) % 10
+  config = _device_config(randaugment="rand-m9-mstd0.5-inc1", randaugment_batching=batching)
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  x, y = jax.device_put(images, sharding), jax.device_put(labels, sharding)
+  fn = jax.jit(lambda k, x, y: device.augment_batch(k, x, y, 10, config, mesh))
+  return jax.device_get(fn(jax.random.PRNGKey(3), x, y))
+
+
+@pytest.mark.parametrize("batching", ["map", "vmap"])
+def test_device_augmentation_is_the_same_on_1_and_8_devices(batching):
+  """Bit for bit the same on one device and sharded over 8 (each device RandAugments its own
+  rows: shard_map for 'map')."""
   assert jax.device_count() >= 8
-  images = jax.random.normal(jax.random.PRNGKey(5), (32, 16, 16, 3))
-  labels = jnp.arange(32) % 10
-  cfg = aug_config(chunk_size=8, erase_prob=0.5)
-  fn = lambda k, x, y: mixing.augment_batch(k, x, y, 10, 0.1, cfg)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:8]):
-    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
-    x, y = jax.device_put(images, sharding), jax.device_put(labels, sharding)
-    results.append(jax.device_get(jax.jit(fn)(jax.random.PRNGKey(3), x, y)))
-  np.testing.assert_array_equal(results[0][0], results[1][0])  # images: bit for bit
-  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)  # targets: fusion order
-  assert not np.array_equal(results[0][0], np.asarray(images))
+  one, eight = _augment_on(1, batching), _augment_on(8, batching)
+  np.testing.assert_array_equal(one[0], eight[0])  # images: bit for bit
+  np.testing.assert_allclose(one[1], eight[1], rtol=1e-6)  # targets: fusion order
+
+
+def test_map_and_vmap_batching_give_the_same_batch():
+  np.testing.assert_array_equal(_augment_on(8, "map")[0], _augment_on(8, "vmap")[0])
+
+
+def test_flip_is_per_image_and_keyed_by_position():
+  photo = np.asarray(Image.fromarray(load_sample_image("flower.jpg")).resize((40, 32)))
+  images = jnp.asarray(np.stack([photo] * 64))
+  keys = device.example_keys(jax.random.PRNGKey(0), 64)
+  flipped = np.asarray(device.flip(keys, images))
+  is_flipped = [np.array_equal(f, photo[:, ::-1]) for f in flipped]
+  assert all(is_flipped[i] or np.array_equal(flipped[i], photo) for i in range(64))
+  assert 16 < sum(is_flipped) < 48  # p = 0.5
+  np.testing.assert_array_equal(flipped, np.asarray(device.flip(keys, images)))
 
 
 def test_chunk_size_that_does_not_divide_the_batch_is_refused():
@@ -260,8 +196,7 @@ def test_chunk_size_that_does_not_divide_the_batch_is_refused():
 def _data(**overrides):
   data = preprocessing.default_data_config()
   data.update(dict(name="imagenet2012", mock=True, mock_num_examples=16, image_size=32,
-                   eval_resize=36, randaugment="rand-m9-mstd0.5-inc1",
-                   train_interpolation="random"))
+                   eval_resize=36, train_interpolation="random"))
   data.update(overrides)
   return data
 
@@ -291,8 +226,10 @@ def test_eval_resize_mode_squashes_without_cropping():
 
 
 def test_bad_augmentation_settings_are_refused_with_the_field_name():
-  with pytest.raises(ValueError, match="data.randaugment"):
-    sources.dataset_info(_data(randaugment="rand-m9"))
+  config = configlib.base_config()
+  config.augment.randaugment = "rand-m9"
+  with pytest.raises(ValueError, match="config.augment.randaugment='rand-m9'"):
+    configlib.validate(config)
   with pytest.raises(ValueError, match="data.train_interpolation"):
     sources.dataset_info(_data(train_interpolation="lanczos"))
   with pytest.raises(ValueError, match="data.eval_crop"):
@@ -324,3 +261,77 @@ def test_train_step_with_the_official_augmentation_gives_finite_loss():
   config.augment.chunk_size = 3
   with pytest.raises(ValueError, match="augment.chunk_size"):
     configlib.validate(config)
+
+
+def _jpeg(width, height, quality=90, subsampling=2, photo="china.jpg"):
+  """A photo as a JPEG at ImageNet-like settings (4:2:0 chroma by default)."""
+  image = Image.fromarray(load_sample_image(photo)).resize((width, height), Image.BICUBIC)
+  buf = io.BytesIO()
+  image.save(buf, "JPEG", quality=quality, subsampling=subsampling)
+  return buf.getvalue(), np.asarray(image)
+
+
+@pytest.mark.parametrize("size,subsampling", [((640, 427), 2), ((375, 500), 2), ((501, 333), 1),
+                                              ((500, 375), 0)])
+def test_the_crop_decoded_from_the_header_is_the_crop_of_the_decoded_image(size, subsampling):
+  """The window is sampled from the header's size (no decode) with the sampler and keys of the
+  decoded image, and decode-and-crop gives its pixels exactly (4:2:0 chroma included)."""
+  encoded, _ = _jpeg(*size, subsampling=subsampling)
+  decoded = tf.io.decode_jpeg(encoded, channels=3)
+  crop = tf.function(lambda b, k: transforms._crop_window(b, k, True))  # pylint: disable=protected-access
+  for seed in range(25):
+    key = tf.constant([seed, 5], tf.int64)
+    top, left, h, w = (int(v) for v in transforms.random_resized_crop_box(
+        key, decoded.shape[0], decoded.shape[1]))
+    np.testing.assert_array_equal(crop(tf.constant(encoded), key).numpy(),
+                                  decoded.numpy()[top:top + h, left:left + w], err_msg=str(seed))
+
+
+def test_other_formats_are_decoded_whole_then_cropped_alike():
+  _, pixels = _jpeg(120, 90)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "PNG")
+  key = tf.constant([1, 2], tf.int64)
+  from_png = transforms._crop_window(tf.constant(buf.getvalue()), key, True)  # pylint: disable=protected-access
+  from_pixels = transforms._crop_window(tf.constant(pixels), key, False)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(from_png.numpy(), from_pixels.numpy())
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (640, 480), (375, 500), (800, 600),
+                                          (501, 333)])
+def test_eval_geometry_is_torchvisions(width, height):
+  """Resize(248) truncates the long side, CenterCrop(224) rounds the offset half to even."""
+  prep = preprocessing.EvalPreprocessing(image_size=224, resize=248)
+  short, long = min(width, height), max(width, height)
+  new_long = int(248 * long / short)  # torchvision's _compute_resized_output_size
+  new_w, new_h = (248, new_long) if width <= height else (new_long, 248)
+  want = (new_h, new_w, int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0)))
+  got = tuple(int(v) for v in transforms.eval_geometry(height, width, prep))
+  assert got == want
+  # With that geometry only the resampler differs from PIL's (antialiased bicubic both).
+  _, pixels = _jpeg(width, height, photo="flower.jpg")
+  ours = transforms.preprocess_eval(tf.constant(pixels), prep).numpy().astype(float)
+  top, left = want[2], want[3]
+  pil = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BICUBIC))
+  reference = pil[top:top + 224, left:left + 224].astype(float)
+  assert np.abs(ours - reference).mean() < 0.5, np.abs(ours - reference).mean()
+
+
+@pytest.mark.slow
+def test_input_tools_throughput_and_grid_run(tmp_path):
+  """The README's input_tools commands, small: the JPEG folder, the figures, the grid."""
+  import subprocess, sys, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "dynamixer_jax.input_tools", *args], cwd=root, env=env,
+      capture_output=True, text=True, timeout=300)
+  timed = run("throughput", "--config=configs/dynamixer_s.py", "--jpegs=24", "--batch_size=8",
+              "--batches=2", f"--jpeg_dir={tmp_path / 'jpegs'}")
+  assert timed.returncode == 0, timed.stderr[-3000:]
+  assert "images/s per host core" in timed.stdout and "host cores needed" in timed.stdout
+  assert len(os.listdir(tmp_path / "jpegs" / "train" / "class_0")) == 12
+  grid = run("grid", "--config=configs/dynamixer_s.py", "--photos",
+             "--config.data.image_size=64", "--rows=1", f"--out={tmp_path / 'grid.png'}")
+  assert grid.returncode == 0, grid.stderr[-3000:]
+  assert Image.open(tmp_path / "grid.png").size[1] == 64

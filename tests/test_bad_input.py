@@ -19,7 +19,7 @@ SIZE = (16, 16)
 def folder_config(root, **overrides):
   data = preprocessing.default_data_config()
   data.update(dict(name="folder", data_dir=str(root), image_size=16, eval_resize=16,
-                   train_crop="resize_pad_crop", pad=0, hflip=False), **overrides)
+                   train_crop="resize_pad_crop", pad=0), **overrides)
   return data
 
 

@@ -12,8 +12,8 @@ FIELDS = {
     "framework", "model", "overrides", "mode", "dtype", "batch", "image_size", "num_classes",
     "params", "steps", "repeats", "warmup", "images_per_s", "images_per_s_min",
     "images_per_s_max", "images_per_s_all", "step_time_s", "compile_time_s",
-    "peak_memory_bytes", "xla_temp_bytes", "grad_accum_steps", "forward_flops_per_image", "achieved_tflops", "peak_tflops",
-    "peak_source", "mfu", "backend", "device", "device_count", "cpu_count", "jax_version",
+    "peak_memory_bytes", "xla_temp_bytes", "grad_accum_steps", "device_augment", "forward_flops_per_image", "achieved_tflops", "peak_tflops",
+    "peak_source", "mfu", "backend", "device", "device_count", "cpu_count", "cpu", "jax_version",
     "flax_version", "optax_version", "python_version"}
 
 
@@ -33,15 +33,17 @@ def test_light_modules_import_no_tensorflow():
 def test_tiny_train_run_writes_every_field(tmp_path, capsys):
   path = tmp_path / "bench.json"
   benchmark.main(["--tiny", "--batch", "2", "--mode", "train", "--steps", "2", "--repeats", "1",
-                  "--warmup", "1", "--grad_accum_steps", "2", "--override", "remat=true",
+                  "--warmup", "1", "--grad_accum_steps", "2", "--no_device_augment", "--override", "remat=true",
                   "--json", str(path)])
   result = json.loads(path.read_text())
   assert FIELDS <= set(result), FIELDS - set(result)
   assert result["grad_accum_steps"] == 2 and result["overrides"]["remat"] is True
+  assert result["device_augment"] is False
   assert result["xla_temp_bytes"] > 0  # XLA's memory plan is reported on the CPU too
   assert result["image_size"] == 32 and result["num_classes"] == 10
   assert result["images_per_s"] > 0 and result["forward_flops_per_image"] > 0
-  assert result["mfu"] is None and result["peak_source"] is None  # CPU without --peak-tflops
+  assert result["mfu"] is None and result["peak_source"] is None  # a CPU has no datasheet peak
+  assert "cores" in result["cpu"]
   out = capsys.readouterr().out
   assert "MFU             n/a" in out and "images/s" in out
 
@@ -63,3 +65,40 @@ def test_tiny_infer_with_peak_and_overrides(tmp_path):
 def test_bad_override_is_explained():
   with pytest.raises(ValueError, match="FIELD=VALUE"):
     benchmark.main(["--tiny", "--override", "image_size"])
+
+
+def test_datasheet_peaks_name_only_known_devices():
+  from dynamixer_jax.benchmark import hardware  # pylint: disable=g-import-not-at-top
+  assert hardware.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert hardware.datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert hardware.datasheet_peak_tflops("NVIDIA H200") == 989.4
+  assert hardware.datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert hardware.datasheet_peak_tflops("TPU v5 lite") == 197.0
+  assert hardware.datasheet_peak_tflops("TPU v5p") == 459.0
+  assert hardware.datasheet_peak_tflops("cpu") is None
+  assert hardware.datasheet_peak_tflops("NVIDIA RTX 9999 Mystery") is None  # never "an H100"
+
+
+@pytest.mark.slow
+def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
+  """``--suite --tiny``: every part of the device check, on the CPU, in a child process."""
+  path = tmp_path / "suite.json"
+  result = subprocess.run([sys.executable, "-m", "dynamixer_jax.benchmark", "--suite", "--tiny",
+                           "--json", str(path)], capture_output=True, text=True, timeout=600,
+                          env=dict(__import__("os").environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads(path.read_text())["table"]
+  assert "bf16 matmul peak measured now" in table and "| dynamixer_s (tiny) | train |" in table
+  assert "| dynamixer_s train b4 | model.remat=True |" in table
+  assert "loss by step: 2: " in table and "held-out top-1 after 20 steps" in table
+  assert table in result.stdout
+
+
+def test_doctor_reports_the_machine():
+  result = subprocess.run([sys.executable, "-m", "dynamixer_jax.doctor"], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(__import__("os").environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  for field in ("python ", "cpu ", "jax ", "bfloat16 ", "stack ", "input ", "tf.data "):
+    assert f"\n{field}" in "\n" + result.stdout, result.stdout
+  assert "MISSING" not in result.stdout.split("optional")[0]

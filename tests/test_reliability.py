@@ -74,7 +74,8 @@ def _steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_the_next_start_resumes(tmp_path):
+def test_sigterm_saves_the_step_it_is_at_and_exits_143(tmp_path):
+  """(Resuming from any checkpoint, this one included, is tested in process: test_train.py.)"""
   workdir = tmp_path / "run"
   proc, log = _start(workdir, "--config.num_train_steps=200", "--config.checkpoint_every_steps=1000",
                      "--config.eval_every_epochs=100")
@@ -84,11 +85,9 @@ def test_sigterm_saves_the_current_step_and_the_next_start_resumes(tmp_path):
   assert code == 128 + signal.SIGTERM, out[-3000:]
   saved = _steps(workdir)
   assert len(saved) == 1 and 3 <= saved[0] < 200, saved  # the step it was at, not a periodic one
-  assert f"Stopped by SIGTERM after step {saved[0]}" in out
-  code, out = _run_child(workdir, f"--config.num_train_steps={saved[0] + 2}")
-  assert code == 0, out[-3000:]
-  assert f"Resumed from step {saved[0]}" in out
-  assert _steps(workdir)[-1] == saved[0] + 2
+  assert f"Stopped by SIGTERM after step {saved[0]}: saved, exiting" in out
+  state, _ = checkpointing.Checkpointer(str(workdir / "checkpoints")).restore(None, saved[0])
+  assert int(state["step"]) == saved[0]
 
 
 def test_sigint_stops_at_a_step_boundary_and_twice_interrupts():
@@ -185,7 +184,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_good_one(tmp_path
   with caplog.at_level(logging.INFO):
     state = _train(tiny_config(), tmp_path, 6)
   assert int(state.step) == 6
-  assert "Checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
+  assert "Checkpoint step 4" in caplog.text and "cannot be used" in caplog.text
   assert "Resumed from step 2" in caplog.text
   assert glob.glob(str(tmp_path / "checkpoints.corrupt" / "4-*"))
   assert _steps(tmp_path) == [2, 4, 6]  # step 4 written again
@@ -212,16 +211,20 @@ def test_a_workdir_of_another_run_is_refused_unless_forced(tmp_path, caplog):
     with pytest.raises(ValueError, match=f"config.{field}: .* in the saved run, .* now"):
       _train(config, tmp_path, 4)
   config = tiny_config()
-  config.optim.lr = 1e-3
+  config.optim.weight_decay = 0.01
   config.force_resume = True
   with caplog.at_level(logging.WARNING):
     assert int(_train(config, tmp_path, 3).step) == 3
-  assert "force_resume: resuming despite config.optim.lr" in caplog.text
-  config = tiny_config()  # what may change freely: mesh, length, cadence
-  config.optim.lr = 1e-3  # the run's own value since the forced resume
+  assert "force_resume: resuming despite config.optim.weight_decay" in caplog.text
+  config = tiny_config()  # what may change freely: mesh, length, cadence, and to recover: lr
+  config.optim.weight_decay = 0.01  # the run's own value since the forced resume
+  config.optim.lr, config.optim.grad_clip_norm = 1e-3, 1.0
   config.mesh = {"data": 2, "fsdp": 4}
   config.log_every_steps = config.eval_every_epochs = 1
-  assert int(_train(config, tmp_path, 4).step) == 4
+  with caplog.at_level(logging.WARNING):
+    assert int(_train(config, tmp_path, 4).step) == 4
+  assert "Resuming with a changed recovery setting: config.optim.lr: 0.002" in caplog.text
+  assert "config.optim.grad_clip_norm: 0.0 in the saved run, 1.0 now" in caplog.text
 
 
 # --------------------------------------------------------------------------- numerical faults
@@ -238,11 +241,31 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_finite_metrics(tmp_p
   bad_step = int(message.split("Non-finite training metrics at step ")[1].split(":")[0])
   assert "Last finite metrics: step" in message and "loss" in message
   saved = _steps(tmp_path)
-  assert f"the newest good checkpoint is step {saved[-1] if saved else None}" in message
+  if saved:
+    assert f"The newest good checkpoint is step {saved[-1]}" in message
+  else:
+    assert "There is no checkpoint yet" in message and "step None" not in message
   assert all(s < bad_step for s in saved)
   for step in saved:  # nothing non-finite was ever written
     state, _ = checkpointing.Checkpointer(str(tmp_path / "checkpoints")).restore(None, step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_the_advice_after_a_nan_works_and_a_nan_right_after_a_resume_blames_the_checkpoint(
+    tmp_path, caplog):
+  _train(tiny_config(), tmp_path, 2)  # a good checkpoint at step 2
+  config = tiny_config()
+  config.optim.lr = 1e12  # diverges at once after the resume
+  with pytest.raises(FloatingPointError) as info:
+    _train(config, tmp_path, 8)
+  message = str(info.value)
+  assert "lower --config.optim.lr" in message and "within" in message
+  assert f"move {tmp_path / 'checkpoints'}/2 aside" in message
+  config = tiny_config()  # the advice: a lower learning rate, and rerun (no force_resume)
+  config.optim.lr = 1e-3
+  with caplog.at_level(logging.WARNING):
+    assert int(_train(config, tmp_path, 4).step) == 4
+  assert "changed recovery setting: config.optim.lr" in caplog.text
 
 
 # ------------------------------------------------------------------------------------- disk
@@ -277,3 +300,177 @@ def test_failed_saves_in_a_row_stop_the_run_with_the_previous_checkpoint_intact(
   meta = json.loads(checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"))
                     .metadata(2)["config"])
   assert meta["max_checkpoint_failures"] == 2
+
+
+# --------------------------------------------------------------- silent corruption, damaged JSON
+
+
+def _largest_file(directory):
+  files = [p for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p)]
+  return max(files, key=os.path.getsize)
+
+
+def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used(tmp_path, caplog):
+  _train(tiny_config(), tmp_path, 4)  # checkpoints 2 and 4
+  victim = _largest_file(str(tmp_path / "checkpoints" / "4" / "state"))
+  size = os.path.getsize(victim)
+  with open(victim, "r+b") as f:  # 64 bytes in the middle, the size unchanged
+    f.seek(size // 2)
+    data = bytearray(f.read(64))
+    f.seek(size // 2)
+    f.write(bytes(b ^ 0x5A for b in data))
+  assert os.path.getsize(victim) == size
+  with caplog.at_level(logging.INFO):
+    state = _train(tiny_config(), tmp_path, 6)
+  assert int(state.step) == 6
+  assert "Checkpoint step 4" in caplog.text and "Resumed from step 2" in caplog.text
+  assert glob.glob(str(tmp_path / "checkpoints.corrupt" / "4-*"))
+  print("reported:", [r.getMessage() for r in caplog.records if "step 4" in r.getMessage()][:1])
+
+
+def test_only_damaged_metadata_still_resumes_from_the_arrays(tmp_path, caplog):
+  _train(tiny_config(), tmp_path, 4)
+  for step in (2, 4):
+    (tmp_path / "checkpoints" / str(step) / "metadata" / "metadata").write_text("{garbage")
+  with caplog.at_level(logging.INFO):
+    state = _train(tiny_config(), tmp_path, 6)
+  assert int(state.step) == 6 and "Resumed from step 4" in caplog.text
+  assert "cannot be checked against their checksums; resuming from them" in caplog.text
+  assert not os.path.exists(tmp_path / "checkpoints.corrupt")
+
+
+def test_when_no_checkpoint_is_usable_the_run_refuses_instead_of_starting_over(tmp_path):
+  _train(tiny_config(), tmp_path, 4)
+  for step in (2, 4):
+    for path in glob.glob(str(tmp_path / "checkpoints" / str(step) / "state" / "**"),
+                          recursive=True):
+      if os.path.isfile(path):
+        os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(checkpointing.NoReadableCheckpoint,
+                     match=r"None of the 2 checkpoints .* Nothing was moved .*force_resume=True"):
+    _train(tiny_config(), tmp_path, 6)
+  assert _steps(tmp_path) == [2, 4]  # nothing moved, nothing lost
+  config = tiny_config()
+  config.force_resume = True  # the user says: start over
+  assert int(_train(config, tmp_path, 2).step) == 2
+  assert len(glob.glob(str(tmp_path / "checkpoints.corrupt" / "*"))) == 2
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_left_alone(tmp_path, caplog):
+  _train(tiny_config(), tmp_path, 2)
+  notes = tmp_path / "checkpoints" / "999" / "notes.txt"
+  notes.parent.mkdir()
+  notes.write_text("my notes")
+  with caplog.at_level(logging.INFO):
+    state = _train(tiny_config(), tmp_path, 4)
+  assert int(state.step) == 4 and "Resumed from step 2" in caplog.text
+  assert "999 that are not checkpoints" in caplog.text and notes.read_text() == "my notes"
+  assert not os.path.exists(tmp_path / "checkpoints.corrupt")
+
+
+# ------------------------------------------------------------------------ one run per workdir
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_workdir_stops_at_once_and_a_killed_one_does_not_block(tmp_path):
+  workdir = tmp_path / "run"
+  first, log = _start(workdir, "--config.num_train_steps=400", "--config.eval_every_epochs=100")
+  _wait_for(lambda: "step 2/400" in _read(log), first, "the first run to train")
+  code, out = _run_child(workdir, "--config.num_train_steps=400")
+  assert code == 1 and "is in use by another run: process" in out and str(first.pid) in out, out
+  assert "Traceback" not in out
+  first.send_signal(signal.SIGKILL)  # a dead run: the kernel drops its lock
+  first.wait(timeout=CHILD_TIMEOUT_S)
+  code, out = _run_child(workdir, "--config.num_train_steps=2")
+  assert code == 0, out[-3000:]
+
+
+def test_the_lease_of_a_workdir_without_os_locks(tmp_path):
+  """Where flock is unsupported: a live lease refuses, a stale or orphaned one is taken over."""
+  from dynamixer_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  lease = lambda: workdir_lock.WorkdirLock(str(tmp_path), mode="lease", heartbeat_s=0.05,
+                                           stale_after_s=30)
+  path = tmp_path / workdir_lock.FILENAME
+  now = time.time()
+  path.write_text(json.dumps(dict(host="another-host", pid=1, started=now, heartbeat=now)))
+  with pytest.raises(workdir_lock.WorkdirInUse, match="process 1 on host another-host"):
+    lease().__enter__()
+  path.write_text(json.dumps(dict(host="another-host", pid=1, started=0, heartbeat=now - 60)))
+  with lease() as held:  # stale: its heartbeat stopped a minute ago
+    assert held.held_as == "lease" and json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirInUse, match=f"process {os.getpid()}"):
+      lease().__enter__()
+  assert not path.exists()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  import socket  # pylint: disable=g-import-not-at-top
+  path.write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started=now,
+                                  heartbeat=now)))
+  with lease() as held:  # its process is gone: taken over at once
+    assert held.held_as == "lease"
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def test_a_too_large_eval_batch_is_refused_before_anything_runs(tmp_path):
+  config = tiny_config()  # 48 mock eval examples, one device
+  config.eval_batch_size = 131_072
+  with pytest.raises(ValueError, match=r"config.eval_batch_size=131072 is larger than the 48 "
+                                       r"examples of the eval split 'validation': use at most 48"):
+    _train(config, tmp_path, 2)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_out_of_memory_in_the_final_evaluation_keeps_the_last_steps(tmp_path, monkeypatch):
+  monkeypatch.setenv("DYNAMIXER_FAULTS", "eval_oom@4")
+  with pytest.raises(ValueError, match=r"ran out of memory in the evaluation step at step 4 with "
+                                       r"config.eval_batch_size=16 .* lower config.eval_batch_size"):
+    _train(tiny_config(), tmp_path, 4)
+  assert _steps(tmp_path)[-1] == 4  # saved before the evaluation
+  monkeypatch.delenv("DYNAMIXER_FAULTS")
+  config = tiny_config()
+  config.eval_batch_size = 8  # the advice
+  with pytest.MonkeyPatch.context():
+    state = _train(config, tmp_path, 4)  # nothing to train: the missing evaluation runs
+  assert int(state.step) == 4
+  meta = checkpointing.Checkpointer(str(tmp_path / "checkpoints")).metadata(4)
+  assert meta["pending_eval"] is False
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_path):
+  workdir = tmp_path / "run"
+  # 64 mock examples / 16 = 4 steps an epoch: the evaluation of step 4, held by the fault hook.
+  proc, log = _start(workdir, "--config.num_train_steps=12", "--config.eval_every_epochs=1",
+                     "--config.checkpoint_every_steps=1000", DYNAMIXER_FAULTS="eval_pause@4")
+  _wait_for((workdir / "fault_paused_at_4").exists, proc, "the evaluation of step 4")
+  proc.send_signal(signal.SIGTERM)
+  code, out = _finish(proc, log)
+  assert code == 128 + signal.SIGTERM, out[-3000:]
+  assert "The evaluation of step 4 was interrupted" in out
+  assert _steps(workdir) == [4]  # the step it was at, not one more
+  assert checkpointing.Checkpointer(str(workdir / "checkpoints")).metadata(4)["pending_eval"]
+  code, out = _run_child(workdir, "--config.num_train_steps=6", "--config.eval_every_epochs=100")
+  assert code == 0, out[-3000:]
+  first_eval = out.index("step 4 eval")
+  assert "Running the evaluation of step 4 first" in out and first_eval < out.index("step 5/6")
+
+
+def test_redone_steps_are_logged_to_tensorboard_once(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.log_every_steps = 1
+  _train(config, tmp_path, 4)  # checkpoints 2 and 4, every step logged
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging 3 and 4
+  config = tiny_config()
+  config.log_every_steps = 1
+  _train(config, tmp_path, 6)  # resumes from 2: steps 3 and 4 logged again
+  steps = []
+  for path in sorted(glob.glob(str(tmp_path / "events.out.tfevents.*"))):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0},
+                                             purge_orphaned_data=False)
+    acc.Reload()
+    steps += [e.step for e in acc.Tensors("loss")] if "loss" in acc.Tags()["tensors"] else []
+  assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps

@@ -16,6 +16,9 @@ def _config():
   config.model = dict(name="dynamixer_s", drop_path_rate=0.1, image_size=32, patch_size=4,
                       entries=((1, 32, 4, 2, 2.0, True), (1, 64, 8, 2, 2.0, False)))
   config.dtype = "float32"
+  # Mixup, cutmix and erasing stay (they run on the sharded batch); RandAugment is tested on
+  # every mesh in test_augment.py and would only add its compile to each step here.
+  config.augment.randaugment = ""
   return config
 
 
@@ -92,7 +95,7 @@ def test_fsdp_shards_parameters_and_optimizer_state():
   kernel = state.params["network_0_0"]["mlp"]["fc1"]["kernel"]  # (32, 64)
   assert kernel.sharding.spec == P(None, "fsdp")
   assert kernel.addressable_shards[0].data.shape == (32, 16)
-  mu = state.opt_state[0].mu["network_0_0"]["mlp"]["fc1"]["kernel"]
+  mu = state.opt_state[1][0].mu["network_0_0"]["mlp"]["fc1"]["kernel"]  # (clip, adamw)
   assert mu.sharding.spec == P(None, "fsdp")
   assert state.params["network_0_0"]["norm1"]["scale"].sharding.spec == P()  # small: replicated
 
@@ -117,7 +120,7 @@ def test_checkpoint_from_eight_devices_restores_on_two_and_one(tmp_path):
     _, target, _ = _setup(axes)
     restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(
         checkpointing.abstract(target))
-    assert meta == {"note": "eight devices"}
+    assert meta["note"] == "eight devices" and meta["checksums"]  # checksums are added on save
     assert len(restored.params["head"]["kernel"].sharding.device_set) == max(axes.values())
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
 

@@ -1,4 +1,4 @@
-"""On-device batch augmentation: mixup / cutmix with smoothed soft targets, and random erasing.
+"""Mixup / cutmix with smoothed soft targets, and random erasing: the batch-level augmentation.
 
 timm does these in its collate function and GPU prefetcher; here they run inside the jitted train
 step. Mixup and cutmix draw one lambda per chunk of ``chunk_size`` examples (the official per-GPU
@@ -39,7 +39,7 @@ def cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array):
 
 
 def _mix_chunk(key: jax.Array, images: jax.Array, targets: jax.Array,
-               cfg: ml_collections.ConfigDict):
+               cfg: ml_collections.ConfigDict, round_pixels: bool):
   """One chunk: pair example i with C-1-i; one lambda and (for cutmix) one box for all."""
   k_do, k_switch, k_mixup, k_cutmix, k_box = jax.random.split(key, 5)
   use_cutmix = jax.random.uniform(k_switch) < cfg.switch_prob
@@ -58,17 +58,20 @@ def _mix_chunk(key: jax.Array, images: jax.Array, targets: jax.Array,
   flipped = images[::-1]
   cut = jnp.where(inside[None, :, :, None], flipped, images)
   blend = images * lam + flipped * (1.0 - lam)
+  if round_pixels:  # timm's FastCollateMixup blends uint8 images and rounds (np.rint)
+    blend = jnp.round(blend)
   images = jnp.where(use_cutmix, cut, blend)
   lam = jnp.where(use_cutmix & (lam < 1.0), box_lam, lam)
   return images, targets * lam + targets[::-1] * (1.0 - lam), lam
 
 
 def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-              smoothing: float, cfg: ml_collections.ConfigDict):
+              smoothing: float, cfg: ml_collections.ConfigDict, round_pixels: bool = False):
   """Mixup or cutmix per chunk ('batch' mode per chunk) -> (images, soft targets, lambdas).
 
   ``key`` should already depend on the step; chunk c uses ``fold_in(key, c)``. With both alphas
-  0 the images are untouched and the targets are the smoothed one-hot labels.
+  0 the images are untouched and the targets are the smoothed one-hot labels. ``round_pixels``:
+  the images are pixel values (0..255) and a mixup blend is rounded, as timm's uint8 collate.
   """
   targets = smoothed_one_hot(labels, num_classes, smoothing)
   n = images.shape[0]
@@ -81,7 +84,7 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes:
   chunks = n // chunk
   keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(chunks))
   split = lambda x: x.reshape((chunks, chunk) + x.shape[1:])
-  images, targets, lam = jax.vmap(lambda k, x, t: _mix_chunk(k, x, t, cfg))(
+  images, targets, lam = jax.vmap(lambda k, x, t: _mix_chunk(k, x, t, cfg, round_pixels))(
       keys, split(images), split(targets))
   return images.reshape((n,) + images.shape[2:]), targets.reshape(n, num_classes), lam
 
@@ -128,12 +131,3 @@ def random_erase(key: jax.Array, images: jax.Array, prob: float, mode: str = "pi
     return jnp.where(mask[..., None], fill, image), mask
 
   return jax.vmap(one)(jnp.arange(n), images)
-
-
-def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-                  smoothing: float, cfg: ml_collections.ConfigDict):
-  """timm's order: mixup / cutmix (collate), then random erasing (prefetcher) -> (images, targets)."""
-  k_mix, k_erase = jax.random.split(key)
-  images, targets, _ = mix_batch(k_mix, images, labels, num_classes, smoothing, cfg)
-  images, _ = random_erase(k_erase, images, cfg.erase_prob, cfg.erase_mode)
-  return images, targets

@@ -7,7 +7,8 @@ checkout of github.com/ziyuwwang/DynaMixer in a subprocess (``torch_reference.py
 batch and dtype, and prints JAX/torch ratios.
 
 MFU = 3 x forward FLOPs x images/s / peak (the train step is counted as 3 forwards; inference
-as 1). The peak is ``--peak_tflops`` if given; otherwise MFU is n/a.
+as 1). The peak is ``--peak_tflops`` if given, else the datasheet bf16 peak of a known
+accelerator (``hardware.py``); on CPUs and unknown devices MFU is n/a.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 
 from dynamixer_jax import cli
-from dynamixer_jax.benchmark import flops
+from dynamixer_jax.benchmark import flops, hardware
 from dynamixer_jax.train import configlib, optim, sharding, steps
 
 PROG = "python -m dynamixer_jax.benchmark"
@@ -53,12 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
   cli.add(p, "override", action="append", default=[], metavar="FIELD=JSON",
           help="a model argument, e.g. --override image_size=32 (repeatable)")
   cli.add(p, "tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
+  cli.add(p, "no_device_augment", action="store_true",
+          help="train without the device augmentation (flip, RandAugment, mixup/cutmix, "
+               "erasing), to time what it costs")
   cli.add(p, "grad_accum_steps", type=cli.positive_int, default=1,
           help="train as this many micro-batches per step (config.grad_accum_steps)")
   cli.add(p, "mesh", default="", metavar="AXIS=SIZE,...",
           help="shard as train.py does over a device mesh, e.g. data=8 or data=4,fsdp=2 "
                "(default: one device, no sharding)")
-  cli.add(p, "peak_tflops", type=float, default=None, help="peak FLOP/s for MFU")
+  cli.add(p, "peak_tflops", type=float, default=None,
+          help="peak TFLOP/s for MFU (default: the datasheet bf16 peak of a known accelerator; "
+               "none on CPUs and unknown devices)")
+  cli.add(p, "suite", action="store_true",
+          help="the one-shot device check (suite.py): S/M/L and Mixer-B/16, train and infer, "
+               "bfloat16, memory levers, a 200-step run on real data; one markdown table")
   cli.add(p, "json", default=None, metavar="PATH", help="write every field here")
   cli.add(p, "torch_reference", default=None, metavar="DIR",
           help="a local checkout of github.com/ziyuwwang/DynaMixer to compare with")
@@ -95,6 +104,10 @@ def make_config(args: argparse.Namespace, overrides: dict[str, Any]):
   config.dtype = args.dtype
   config.batch_size = args.batch
   config.grad_accum_steps = args.grad_accum_steps
+  if args.no_device_augment:
+    config.augment.hflip, config.augment.randaugment = False, ""
+    config.augment.mixup_alpha = config.augment.cutmix_alpha = config.augment.erase_prob = 0.0
+  config.augment.chunk_size = min(config.augment.chunk_size, args.batch)
   num_classes = overrides.pop("num_classes", 1000)
   with config.unlocked():
     for field, value in overrides.items():
@@ -144,6 +157,7 @@ class _Setup:
   state: Any
   batch: dict[str, jax.Array]
   state_sharding: Any = None
+  mesh: Any = None
 
 
 def _setup(args: argparse.Namespace) -> _Setup:
@@ -160,7 +174,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     state = state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
   setup = _Setup(config, num_classes, model, tx, schedule, state, batch)
   if args.mesh:
-    mesh = sharding.create_mesh(parse_mesh(args.mesh))
+    mesh = setup.mesh = sharding.create_mesh(parse_mesh(args.mesh))
     setup.state_sharding = sharding.state_shardings(state, mesh, config.partition_rules,
                                                     config.fsdp_min_size)
     setup.state = jax.device_put(state, setup.state_sharding)
@@ -174,7 +188,8 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
   if args.mode == "train":
     placement = dict(out_shardings=(setup.state_sharding, None)) if args.mesh else {}
     fn = jax.jit(steps.make_train_step(setup.model, setup.tx, setup.schedule, setup.config,
-                                       setup.num_classes), donate_argnums=0, **placement)
+                                       setup.num_classes, setup.mesh),
+                 donate_argnums=0, **placement)
     compiled = fn.lower(setup.state, setup.batch).compile()
     holder = [setup.state]
 
@@ -201,7 +216,10 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
   fwd_flops = flops.forward_flops(setup.model)
   images_per_s = statistics.median(rates)
   achieved = (3 if args.mode == "train" else 1) * fwd_flops * images_per_s
-  peak = args.peak_tflops
+  peak, peak_source = args.peak_tflops, "--peak_tflops"
+  if peak is None:
+    peak = hardware.datasheet_peak_tflops(device.device_kind)
+    peak_source = f"datasheet bf16 peak of {device.device_kind}"
   return dict(
       framework="jax", model=args.model, overrides=model_overrides(args), mode=args.mode,
       dtype=args.dtype, batch=args.batch, image_size=setup.model.image_size,
@@ -212,8 +230,9 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
       images_per_s_all=rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
+      device_augment=not args.no_device_augment,
       forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12, peak_tflops=peak,
-      peak_source="--peak_tflops" if peak else None,
+      peak_source=peak_source if peak else None, cpu=hardware.cpu_description(),
       mfu=achieved / (peak * 1e12) if peak else None,
       backend=jax.default_backend(), device=str(device.device_kind),
       device_count=jax.device_count(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
@@ -242,8 +261,10 @@ def report(result: dict[str, Any]) -> str:
   gib = lambda b: b and b / 2**30
   lines = [
       f"{result['model']} {result['mode']} {result['dtype']} batch {result['batch']} "
-      f"{result['image_size']}px on {result['backend']} ({result['device']}, "
-      f"{result['cpu_count']} CPU cores), jax {result['jax_version']}"
+      f"{result['image_size']}px"
+      + ("" if result["device_augment"] else " (no device augmentation)")
+      + f" on {result['backend']} ({result['device']}, "
+      f"{result['cpu']}), jax {result['jax_version']}"
       + (f", mesh {result['mesh']} of {result['device_count']} devices" if result["mesh"] else ""),
       f"  images/s        {result['images_per_s']:.2f} (median of {result['repeats']}; "
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
@@ -266,7 +287,11 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-  args = build_parser().parse_args(argv)
+  return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """One measurement (the ``--suite`` runs in ``suite.py``, dispatched by ``__main__``)."""
   if args.torch_reference and (args.tiny or args.override):
     raise ValueError("--torch_reference runs the official model as registered; drop --tiny and "
                      "--override.")

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dynamixer_jax import preprocessing
-from dynamixer_jax.data import readable, transforms
+from dynamixer_jax.data import readable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_INSTRUCTIONS = (
@@ -71,15 +71,9 @@ class Examples:
 
 @functools.lru_cache(maxsize=None)
 def digits() -> tuple[Examples, Examples]:
-  """scikit-learn's 1,797 digits as RGB uint8, split 80/20, stratified with a fixed seed."""
-  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
-  data = datasets.load_digits()
-  images = np.round(data.images * (255 / 16)).astype(np.uint8)
-  images = np.repeat(images[..., None], 3, axis=-1)
-  train, test = model_selection.train_test_split(
-      np.arange(len(images)), test_size=0.2, stratify=data.target, random_state=0)
-  labels = data.target.astype(np.int32)
-  return tuple(Examples(images[i], labels[i], "pixels") for i in (train, test))
+  """scikit-learn's 1,797 digits as RGB uint8, split 80/20 (``preprocessing.digits_splits``)."""
+  return tuple(Examples(images, labels, "pixels")
+               for images, labels in preprocessing.digits_splits())
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,7 +209,6 @@ def dataset_info(data: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def check(data: ml_collections.ConfigDict) -> None:
-  """The data part of the config validator, plus the RandAugment policy (parsed here, where it
-  runs); for callers that use the pipeline without ``configlib.validate``."""
+  """The data part of the config validator, for callers that use the pipeline without
+  ``configlib.validate``."""
   preprocessing.validate_data(data)
-  transforms.parse_policy(data.randaugment)

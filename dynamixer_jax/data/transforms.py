@@ -1,4 +1,5 @@
-"""Per-example transforms of the host pipeline, in TensorFlow: decode, crop, resize.
+"""Per-example transforms of the host pipeline, in TensorFlow: decode (only the crop, for
+JPEGs), crop, resize. Everything else per image runs on the device (``augment.device``).
 
 Each follows what the official code runs (timm 0.4.12 and torchvision on PIL images). Every random
 draw comes from a per-example stateless key, so an image depends only on (seed, epoch, example
@@ -12,11 +13,9 @@ import ml_collections
 import tensorflow as tf
 
 from dynamixer_jax import preprocessing
-from dynamixer_jax.data import tf_randaugment
 
 RRC_SCALE = (0.08, 1.0)  # timm's RandomResizedCrop defaults
 RRC_RATIO = (3 / 4, 4 / 3)
-parse_policy = tf_randaugment.parse_policy
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -66,47 +65,89 @@ def random_resized_crop_box(key: tf.Tensor, height, width, scale=(0.08, 1.0),
   return tuple(tf.cast(v, tf.int32) for v in box)
 
 
+def _crop_window(image: tf.Tensor, key: tf.Tensor, encoded: bool) -> tf.Tensor:
+  """timm's RandomResizedCrop window of one image, decoding only that window when it can.
+
+  A JPEG's size is read from its header (no decode) and only the window is decoded
+  (``decode_and_crop_jpeg``): the same box as ``random_resized_crop_box`` on the decoded image,
+  and the same pixels (tested). Other formats (and pixels) are decoded whole, then cropped.
+  """
+  def full():
+    pixels = decode_image(image) if encoded else image
+    shape = tf.shape(pixels)
+    top, left, h, w = random_resized_crop_box(key, shape[0], shape[1], RRC_SCALE, RRC_RATIO)
+    return pixels[top:top + h, left:left + w]
+
+  if not encoded:
+    return full()
+
+  def window():
+    shape = tf.image.extract_jpeg_shape(image)
+    top, left, h, w = random_resized_crop_box(key, shape[0], shape[1], RRC_SCALE, RRC_RATIO)
+    # One more pixel on every side (where the image has it), cut off after decoding: libjpeg
+    # upsamples subsampled chroma (4:2:0, most photos) from neighbouring pixels, and treats the
+    # edge of a decoded window as the image's edge, which moves the border pixels by up to ~15
+    # levels. With the margin the window equals decode-then-crop exactly (tested).
+    pad_top, pad_left = tf.minimum(top, 1), tf.minimum(left, 1)
+    box = tf.stack([top - pad_top, left - pad_left,
+                    tf.minimum(h + 1 + pad_top, shape[0] - top + pad_top),
+                    tf.minimum(w + 1 + pad_left, shape[1] - left + pad_left)])
+    decoded = tf.image.decode_and_crop_jpeg(image, box, channels=3)
+    return decoded[pad_top:pad_top + h, pad_left:pad_left + w]
+
+  cropped = tf.cond(tf.io.is_jpeg(image), window, full)
+  cropped.set_shape([None, None, 3])
+  return cropped
+
+
 def preprocess_train(image: tf.Tensor, key: tf.Tensor, data: ml_collections.ConfigDict,
                      encoded: bool = False) -> tf.Tensor:
-  """Random crop, horizontal flip, then RandAugment (timm's order) of one image.
+  """The host's part of a train image: the random crop, resized to the train size, as uint8.
 
   ``image`` is uint8 (H, W, 3), or encoded bytes when ``encoded``. ``key`` is a stateless seed
-  (int64, shape [2]) unique to (seed, epoch, example); all randomness comes from it.
+  (int64, shape [2]) unique to (seed, epoch, example); all randomness comes from it. Flip,
+  RandAugment and the rest run on the device (``augment.device``).
   """
-  if encoded:
-    image = decode_image(image)
-  crop_key, flip_key, aug_key, interp_key = tf.unstack(
-      tf.random.experimental.stateless_split(key, 4))
-  size = data.image_size
-  method = data.train_interpolation
+  crop_key, interp_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  size, method = data.image_size, data.train_interpolation
   if data.train_crop == "random_resized":
-    shape = tf.shape(image)
-    top, left, h, w = random_resized_crop_box(crop_key, shape[0], shape[1], RRC_SCALE, RRC_RATIO)
-    image = resize(image[top:top + h, left:left + w], size, size, method, interp_key)
-  else:
-    image = resize(image, size, size, method, interp_key)
+    image = resize(_crop_window(image, crop_key, encoded), size, size, method, interp_key)
+  else:  # the official CIFAR transfer recipe: Resize(size), RandomCrop(size, padding=pad)
+    image = resize(decode_image(image) if encoded else image, size, size, method, interp_key)
     image = tf.pad(image, [[data.pad, data.pad], [data.pad, data.pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
-  if data.hflip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
-  policy = parse_policy(data.randaugment)
-  if policy is not None:
-    image = tf_randaugment.rand_augment(tf.ensure_shape(image, [size, size, 3]), aug_key, policy)
   return tf.ensure_shape(image, [size, size, 3])
+
+
+def eval_geometry(height, width, prep: preprocessing.EvalPreprocessing):
+  """torchvision's ``Resize(prep.resize)`` + ``CenterCrop(prep.image_size)`` as numbers:
+  (resized height, resized width, crop top, crop left).
+
+  The shorter side becomes ``prep.resize`` and the longer ``int(resize * long / short)``
+  (truncated); the crop starts at ``int(round((side - size) / 2))``, Python's round (half to
+  even), which ``tf.round`` also does.
+  """
+  h, w = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+  short, size = tf.minimum(h, w), tf.constant(prep.image_size, tf.int64)
+  resize = tf.constant(prep.resize, tf.int64)
+  new_h = tf.where(h <= w, resize, resize * h // short)
+  new_w = tf.where(h <= w, resize * w // short, resize)
+  new_h, new_w = tf.maximum(new_h, size), tf.maximum(new_w, size)
+  offset = lambda side: tf.cast(tf.round(tf.cast(side - size, tf.float64) / 2.0), tf.int64)
+  return tuple(tf.cast(v, tf.int32) for v in (new_h, new_w, offset(new_h), offset(new_w)))
 
 
 def preprocess_eval(image: tf.Tensor, prep: preprocessing.EvalPreprocessing,
                     encoded: bool = False) -> tf.Tensor:
-  """The eval geometry of ``prep``: resize the shorter side to ``prep.resize`` and center-crop
-  ``prep.image_size`` ('center'), or resize straight to the size ('resize', the official CIFAR
+  """The eval geometry of ``prep``: torchvision's resize of the shorter side and center crop
+  ('center', ``eval_geometry``), or a resize straight to the size ('resize', the official CIFAR
   transfer script). ``image`` is uint8 (H, W, 3), or encoded bytes when ``encoded``."""
   if encoded:
     image = decode_image(image)
   size, method = prep.image_size, prep.interpolation
   if prep.crop == "resize":
     return tf.ensure_shape(resize(image, size, size, method), [size, size, 3])
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  hw = tf.maximum(tf.cast(tf.round(hw * prep.resize / tf.reduce_min(hw)), tf.int32), size)
-  image = resize(image, hw[0], hw[1], method)
-  top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
+  shape = tf.shape(image)
+  new_h, new_w, top, left = eval_geometry(shape[0], shape[1], prep)
+  image = resize(image, new_h, new_w, method)
   return tf.ensure_shape(tf.slice(image, [top, left, 0], [size, size, 3]), [size, size, 3])

@@ -15,6 +15,7 @@ Guarantees (README "Failures and recovery"):
   checkpoint of another model with the differing weight names and shapes.
 """
 
+import json
 import os
 import time
 from typing import Any, Optional
@@ -23,13 +24,46 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dynamixer_jax.train import faults
+from dynamixer_jax.train import faults, integrity
 from dynamixer_jax.weights import metadata as metadata_lib
 from dynamixer_jax.weights import store, trees
 
 
 class CheckpointWriteError(RuntimeError):
   """Checkpoints could not be written (several times in a row, or the one that had to be)."""
+
+
+class _OnlyOurSteps:
+  """orbax's standard step names, minus numbered folders that are not checkpoints (no ``state``
+  or ``metadata`` item: a user's ``999/notes.txt``): orbax neither restores nor deletes those."""
+
+  def __init__(self):
+    self._standard = ocp.step.standard_name_format()
+
+  def __getattr__(self, name):
+    return getattr(self._standard, name)
+
+  @staticmethod
+  def is_checkpoint(path) -> bool:
+    return any(os.path.isdir(os.path.join(os.fspath(path), item))
+               for item in (store.STATE, store.METADATA))
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_all(self, base_path):
+    return (m for m in self._standard.find_all(base_path) if self.is_checkpoint(m.path))
+
+  def find_step(self, base_path, step: int):
+    found = self._standard.find_step(base_path, step)
+    if not self.is_checkpoint(found.path):
+      raise ValueError(f"{found.path} is not a checkpoint (no {store.STATE}/ or "
+                       f"{store.METADATA}/ inside).")
+    return found
+
+
+class NoReadableCheckpoint(ValueError):
+  """Checkpoints exist but none can be used; refused rather than silently starting over."""
 
 
 class Checkpointer:
@@ -42,7 +76,9 @@ class Checkpointer:
     self._pending: Optional[int] = None  # the step being written in the background
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=True,
+                                           step_name_format=_OnlyOurSteps())
+    self._warn_about_foreign_folders()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add(store.STATE, args, ocp.StandardCheckpointHandler)
@@ -54,6 +90,16 @@ class Checkpointer:
       registry.add(faults.ITEM, ocp.args.JsonSave, self._fault[0])
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+
+  def _warn_about_foreign_folders(self) -> None:
+    if not os.path.isdir(self.directory) or jax.process_index() > 0:
+      return
+    foreign = sorted(n for n in os.listdir(self.directory) if n.isdigit()
+                     and not _OnlyOurSteps.is_checkpoint(os.path.join(self.directory, n)))
+    if foreign:
+      logging.warning("%s holds folder(s) %s that are not checkpoints (no %s/ inside); they are "
+                      "left alone and never restored or deleted.", self.directory,
+                      ", ".join(foreign), store.STATE)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -68,6 +114,7 @@ class Checkpointer:
     a row raise ``CheckpointWriteError``.
     """
     self._settle()
+    metadata = dict(metadata, checksums=integrity.checksums(state))  # verified at restore
     items = {store.STATE: ocp.args.StandardSave(state), store.METADATA: ocp.args.JsonSave(metadata)}
     if self._fault is not None:
       items[faults.ITEM] = self._fault[1](step)
@@ -155,42 +202,90 @@ class Checkpointer:
   def metadata(self, step: int) -> dict[str, Any]:
     return metadata_lib.read(os.path.join(self.directory, str(step)))
 
-  def restore_newest_good(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
-    """``(state, metadata)`` of the newest step that reads back, or None if there is none.
+  def mark_evaluated(self, step: int) -> None:
+    """Record in the metadata of the committed ``step`` that its evaluation is done (the one
+    JSON file is replaced atomically; the arrays and their checksums are untouched)."""
+    if jax.process_index() > 0:
+      return
+    path = os.path.join(self.directory, str(step), metadata_lib.FILENAME)
+    try:
+      metadata = self.metadata(step)
+    except ValueError:
+      return  # damaged: the next checkpoint writes it anew
+    metadata["pending_eval"] = False
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(metadata, f)
+    os.replace(tmp, path)
 
-    A step that cannot be read (truncated, corrupted) is reported and moved to
-    ``<directory>.corrupt/`` so that later saves can reuse its number, and the next older step
-    is tried. A step whose weights do not fit ``abstract_state`` is not corrupt but foreign:
-    that raises ``ValueError`` naming the differences, since an older step will not fit either.
+  def restore_newest_good(self, abstract_state: Any,
+                          force: bool = False) -> Optional[tuple[Any, dict]]:
+    """``(state, metadata)`` of the newest step that reads back intact, or None if there is none.
+
+    A step that cannot be read (truncated, corrupted, its checksums wrong, NaN/Inf in it) is
+    reported and, once an older good step is found, moved to ``<directory>.corrupt/`` so that
+    later saves can reuse its number. A step whose metadata alone is damaged is restored all the
+    same (its arrays cannot be verified; said in a warning). A step whose weights do not fit
+    ``abstract_state`` is not corrupt but foreign: that raises ``ValueError`` naming the
+    differences. When checkpoints exist but none is usable, ``NoReadableCheckpoint`` is raised
+    (nothing is moved) unless ``force``: then all are moved aside and None is returned.
     """
-    skipped = []
+    unusable = []
     for step in reversed(self.all_steps()):
-      try:
-        saved_tree = self._manager.item_metadata(step)[store.STATE]
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      else:
-        check_fits(saved_tree, abstract_state, step, self.directory)  # foreign: raises
-        try:
-          return self.restore(abstract_state, step)
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      logging.error("Checkpoint step %d in %s cannot be read (%s: %s); skipping it for the "
-                    "next older one.", step, self.directory, type(error).__name__,
-                    str(error)[:500])
-      skipped.append(step)
+      reason, restored = self._try_restore(abstract_state, step)
+      if restored is not None:
+        for bad, _ in unusable:
+          self._quarantine(bad)
+        return restored
+      logging.error("Checkpoint step %d in %s cannot be used (%s); trying the next older one.",
+                    step, self.directory, reason)
+      unusable.append((step, reason))
+    if not unusable:
+      return None
+    listing = "; ".join(f"step {step}: {reason}" for step, reason in unusable)
+    if not force:
+      raise NoReadableCheckpoint(
+          f"None of the {len(unusable)} checkpoints in {self.directory} can be used ({listing}). "
+          "Nothing was moved or overwritten. Copy them away if you want to inspect them; to start "
+          "this workdir over, rerun with --config.force_resume=True (they are moved to "
+          f"{self.directory}.corrupt/), or train in a new --workdir.")
+    for step, _ in unusable:
       self._quarantine(step)
-    if skipped:
-      logging.error("No readable checkpoint in %s (unreadable steps %s were moved to %s.corrupt);"
-                    " starting from scratch.", self.directory, skipped, self.directory)
+    logging.error("force_resume: no usable checkpoint in %s (moved to %s.corrupt: %s); starting "
+                  "from scratch.", self.directory, self.directory, listing)
     return None
+
+  def _try_restore(self, abstract_state: Any, step: int) -> tuple[str, Optional[tuple]]:
+    """(why not, None) or ("", (state, metadata)) for one step."""
+    try:
+      metadata, metadata_error = self.metadata(step), None
+    except ValueError as e:
+      metadata, metadata_error = {}, e
+    try:
+      saved_tree = self._manager.item_metadata(step)[store.STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      return f"{type(e).__name__}: {str(e)[:300]}", None
+    check_fits(saved_tree, abstract_state, step, self.directory)  # foreign: raises
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          store.STATE: ocp.args.StandardRestore(abstract_state)}))[store.STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      return f"{type(e).__name__}: {str(e)[:300]}", None
+    problem = integrity.problems(restored, metadata.get("checksums"))
+    if problem:
+      return problem, None
+    if metadata_error is not None:
+      logging.warning("Step %d: %s Its arrays read back (and are finite) but cannot be checked "
+                      "against their checksums; resuming from them. The metadata is written anew "
+                      "with the next checkpoint.", step, metadata_error)
+    return "", (restored, metadata)
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:
       target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.rename(os.path.join(self.directory, str(step)), target)
-      logging.error("Moved the unreadable checkpoint step %d to %s.", step, target)
+      logging.error("Moved the unusable checkpoint step %d to %s.", step, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"dynamixer_quarantine_{step}")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from dynamixer_jax import models, preprocessing
-from dynamixer_jax.augment import mixing
+from dynamixer_jax.augment import device, mixing, randaugment
 from dynamixer_jax.preprocessing import check_choice, fail, is_int, is_number
 from dynamixer_jax.train import optim, sharding
 
@@ -47,10 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = preprocessing.default_data_config()
   c.mean = preprocessing.IMAGENET_MEAN  # normalisation on device, images arrive as uint8
   c.std = preprocessing.IMAGENET_STD
-  c.data.randaugment = "rand-m9-mstd0.5-inc1"
   c.data.train_interpolation = "random"
-  # On-device mixup / cutmix / random erasing (mixing.py); chunk_size = the official per-GPU batch.
+  # On the device, in the train step (augment/device.py), in timm's order: flip, RandAugment
+  # (timm policy string; '' = none), mixup / cutmix (one lambda per chunk_size examples = the
+  # official per-GPU batch), random erasing. randaugment_batching: 'auto' (map on CPU, vmap on
+  # GPU/TPU), 'map' or 'vmap' (the same images either way).
   c.augment = ml_collections.ConfigDict(dict(
+      hflip=True, randaugment="rand-m9-mstd0.5-inc1", randaugment_batching="auto",
       mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0, chunk_size=256,
       erase_prob=0.25, erase_mode="pixel"))
 
@@ -97,10 +100,16 @@ def base_config() -> ml_collections.ConfigDict:
 # and recovery") unless config.force_resume. model.remat only changes how it is computed.
 RESUME_FIELDS = ("model", "data.name", "seed", "batch_size", "optim")
 RESUME_IGNORED = ("model.remat",)
+# What a user changes to recover a run (after a NaN stop, say): allowed on a resume, with a
+# warning that records the change (the schedule's warmup is not a resume field at all).
+RECOVERY_FIELDS = ("optim.lr", "optim.grad_clip_norm")
 
 
-def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """``field: saved -> now`` for each RESUME_FIELDS value that differs from the saved run's."""
+def resume_differences(saved: dict, config: ml_collections.ConfigDict,
+                       fields: Sequence[str] = RESUME_FIELDS,
+                       ignored: Sequence[str] = RESUME_IGNORED + RECOVERY_FIELDS) -> list[str]:
+  """``field: saved -> now`` for each of ``fields`` whose value differs from the saved run's
+  (by default the RESUME_FIELDS, without the ignored and the recovery fields)."""
   def flat(tree, prefix):
     if isinstance(tree, dict):
       return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
@@ -108,14 +117,14 @@ def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
 
   now = config.to_dict()
   diffs = []
-  for field in RESUME_FIELDS:
+  for field in fields:
     old, new = saved, now
     for part in field.split("."):
       old = old.get(part) if isinstance(old, dict) else None
       new = new.get(part) if isinstance(new, dict) else None
     old, new = flat(old, field), flat(json.loads(json.dumps(new, default=str)), field)
     for key in sorted(set(old) | set(new)):
-      if key not in RESUME_IGNORED and old.get(key) != new.get(key):
+      if key not in ignored and old.get(key) != new.get(key):
         diffs.append(f"config.{key}: {old.get(key)!r} in the saved run, {new.get(key)!r} now")
   return diffs
 
@@ -230,6 +239,12 @@ def _check_augment(config: ml_collections.ConfigDict) -> None:
   _check(config, _PROBABILITY, "augment.switch_prob", "augment.mix_prob", "augment.erase_prob")
   _check(config, _NON_NEGATIVE, "augment.mixup_alpha", "augment.cutmix_alpha")
   _check_choice(config, "augment.erase_mode", mixing.ERASE_MODES)
+  _check(config, _BOOL, "augment.hflip")
+  _check_choice(config, "augment.randaugment_batching", device.BATCHINGS)
+  if not isinstance(aug.randaugment, str):
+    fail("augment.randaugment", aug.randaugment,
+         "use a policy string such as 'rand-m9-mstd0.5-inc1', or '' for none")
+  randaugment.parse_policy(aug.randaugment)  # a malformed policy fails here, naming the field
   mixing_on = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
   if mixing_on and (not is_int(aug.chunk_size) or aug.chunk_size <= 0
                     or config.batch_size % min(aug.chunk_size, config.batch_size)):

@@ -7,6 +7,9 @@ and every later one), e.g. ``save_pause@4`` or ``save_enospc@6+``. Points:
   before anything is committed, creates ``<workdir>/fault_paused_at_<step>`` and blocks: the test
   waits for the file and kills the process.
 - ``save_enospc``: the checkpoint save of that step fails with ``OSError(ENOSPC)`` (a full disk).
+- ``eval_pause``: the evaluation of that step creates ``<workdir>/fault_paused_at_<step>`` and
+  waits until the run is told to stop (the test sends the signal), so a signal lands mid-eval.
+- ``eval_oom``: the evaluation of that step fails as a device out of memory does.
 
 Unset (always, outside tests), ``checkpoint_item`` returns None and nothing here runs: the
 production checkpointer carries no hook. Set, it is one extra item of every checkpoint step,
@@ -16,7 +19,7 @@ written with orbax's public handler interface.
 import errno
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
 
@@ -44,6 +47,24 @@ def active(point: str, step: int) -> bool:
     return False
   first, onwards = fault
   return step == first or (onwards and step >= first)
+
+
+def pause_until(point: str, step: int, marker_dir: str, done: Callable[[], bool]) -> None:
+  """At ``point@step``: leave the marker file, then wait until ``done()`` (a signal arrived)."""
+  if not active(point, step):
+    return
+  with open(os.path.join(marker_dir, f"fault_paused_at_{step}"), "w") as f:
+    f.write(point)
+  while not done():
+    time.sleep(0.05)
+
+
+def raise_out_of_memory(point: str, step: int) -> None:
+  """At ``point@step``: the error XLA raises when a buffer does not fit in device memory."""
+  if active(point, step):
+    import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    raise jax.errors.JaxRuntimeError(
+        f"RESOURCE_EXHAUSTED: Out of memory allocating 29522657360 bytes (injected by {ENV})")
 
 
 class _FaultyItemHandler(ocp.JsonCheckpointHandler):

@@ -25,8 +25,8 @@ from clu import metric_writers
 
 from dynamixer_jax import preprocessing
 from dynamixer_jax.data import pipeline, sources
-from dynamixer_jax.train import (checkpointing, configlib, console, optim, preemption,
-                                 sharding)
+from dynamixer_jax.train import (checkpointing, configlib, console, events, faults, optim,
+                                 preemption, sharding, workdir_lock)
 from dynamixer_jax.train.steps import (TrainState, build_model, create_train_state,
                                        make_eval_step, make_train_step)
 from dynamixer_jax.weights import metadata as metadata_lib
@@ -95,6 +95,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   info = sources.dataset_info(config.data)  # a missing dataset stops here, early
   mesh = sharding.mesh_from_config(config)
   configlib.check_devices(config, mesh.devices.size)
+  useful_eval_batch = -(-info.num_eval_examples // mesh.devices.size) * mesh.devices.size
+  if config.eval_batch_size > useful_eval_batch:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is larger than the "
+                     f"{info.num_eval_examples} examples of the eval split "
+                     f"{config.data.eval_split!r}: use at most {useful_eval_batch} (the split, "
+                     f"rounded up to a multiple of the {mesh.devices.size} devices).")
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
@@ -121,18 +127,21 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 # --------------------------------------------------------------------------- restore or init
 
 
-def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer) -> TrainState:
-  """The newest good checkpoint of the workdir, else ``init_from``'s weights, else fresh."""
+def _restore_or_init(run: _Run, checkpointer: checkpointing.Checkpointer
+                     ) -> tuple[TrainState, dict[str, Any]]:
+  """The newest good checkpoint of the workdir (and its metadata), else ``init_from``'s weights,
+  else a fresh state."""
   _check_same_run(checkpointer, run.config)  # before anything compiles: a refusal is quick
   init_key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 0)
   state = jax.jit(run.make_state, out_shardings=run.state_sharding)(init_key)
-  restored = checkpointer.restore_newest_good(checkpointing.abstract(state))
+  restored = checkpointer.restore_newest_good(checkpointing.abstract(state),
+                                              force=run.config.force_resume)
   if restored is not None:
     logging.info("Resumed from step %d in %s", int(restored[0].step), checkpointer.directory)
-    return restored[0]
+    return restored
   if run.config.init_from:
-    return init_from(run.config.init_from, state)
-  return state
+    return init_from(run.config.init_from, state), {}
+  return state, {}
 
 
 def _check_same_run(checkpointer: checkpointing.Checkpointer,
@@ -152,6 +161,9 @@ def _check_same_run(checkpointer: checkpointing.Checkpointer,
           "mesh, epochs and eval/log/checkpoint cadence may change without it).")
     for diff in diffs:
       logging.warning("force_resume: resuming despite %s", diff)
+    for diff in configlib.resume_differences(saved, config, configlib.RECOVERY_FIELDS, ()):
+      logging.warning("Resuming with a changed recovery setting: %s (recorded in the next "
+                      "checkpoint's config).", diff)
     return
 
 
@@ -197,71 +209,149 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   raises; ``exit_on_second_interrupt`` (train.py) makes a second Ctrl-C end the process at once.
   """
   run = _setup(config, workdir)
-  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  with workdir_lock.WorkdirLock(workdir, jax.process_index()), \
+       checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints,
                                   max_failures=config.max_checkpoint_failures) as checkpointer:
-    state = _restore_or_init(run, checkpointer)
+    state, restored_metadata = _restore_or_init(run, checkpointer)
     watcher = (preemption.PreemptionWatcher(exit_on_second_interrupt) if handle_signals
                else None)
-    return _run(run, state, checkpointer, watcher)
+    return _Loop(run, checkpointer, watcher).run(state, restored_metadata)
 
 
-def _run(run: _Run, state: TrainState, checkpointer: checkpointing.Checkpointer,
-         watcher: Optional[preemption.PreemptionWatcher]) -> TrainState:
-  config, start_step = run.config, int(state.step)
-  train_step = jax.jit(make_train_step(run.model, run.tx, run.schedule, config,
-                                       run.info.num_classes),
-                       donate_argnums=0, out_shardings=(run.state_sharding, None))
-  eval_step = jax.jit(make_eval_step(run.model, config, run.info.num_classes))
-  writer = _metric_writer(run.workdir)
-  if start_step == 0:
-    writer.write_hparams(_flat(config.to_dict()))
-  batches = pipeline.train_batches(
-      config.data, batch_size=run.local_batch, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  progress = console.Progress(run.total_steps, config.batch_size, start_step)
-  name = run.metadata["description"]
-  logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d, %d devices.",
-               name, config.data.name, run.total_steps, run.steps_per_epoch, config.batch_size,
-               run.mesh.devices.size)
-  metrics_buffer = _MetricsBuffer(checkpointer)
-  results, previous = None, None
-  stopping = lambda: watcher is not None and watcher.signal is not None
-  with watcher or contextlib.nullcontext():
-    for step in range(start_step + 1, run.total_steps + 1):
-      state, metrics = train_step(state, sharding.to_global(next(batches), run.mesh))
-      metrics_buffer.add(step, metrics)
-      # At most one step in flight behind this one: a stop request is answered at the next step,
-      # not after a queue of dispatched ones.
-      jax.block_until_ready(previous)
-      previous = metrics
-      last = step == run.total_steps
-      stop = watcher is not None and watcher.should_stop(step)
-      if step % config.log_every_steps == 0 or last or stop:
-        summary = metrics_buffer.summary()
-        writer.write_scalars(step, summary)
-        logging.info(progress.line(step, summary))
-      if (step % run.eval_every == 0 or last) and not stop:
-        evaluated = evaluate(eval_step, state, run.eval_batches(), run.mesh, abort=stopping)
-        if evaluated is not None:
-          results = evaluated
-          writer.write_scalars(step, results)
-          logging.info(console.eval_line(step, results))
-      if last or stop:  # these cannot be retried later: write and wait
+class _Loop:
+  """The train loop and its periodic actions: log, evaluate, save; and how it stops."""
+
+  def __init__(self, run: _Run, checkpointer: checkpointing.Checkpointer,
+               watcher: Optional[preemption.PreemptionWatcher]):
+    self.run_, self.checkpointer, self.watcher = run, checkpointer, watcher
+    config = run.config
+    self.train_step = jax.jit(make_train_step(run.model, run.tx, run.schedule, config,
+                                              run.info.num_classes, run.mesh),
+                              donate_argnums=0, out_shardings=(run.state_sharding, None))
+    self.eval_step = jax.jit(make_eval_step(run.model, config, run.info.num_classes))
+    self.writer: Optional[metric_writers.MetricWriter] = None  # opened by run()
+    self.results: Optional[dict[str, float]] = None
+
+  def stopping(self) -> bool:
+    return self.watcher is not None and self.watcher.signal is not None
+
+  def evaluate(self, state: TrainState, step: int) -> bool:
+    """Evaluate, log and write the results of ``step``; False if a signal interrupted it."""
+    config = self.run_.config
+    # On several processes every one must finish the pass (its steps are collective); the stop
+    # then comes at the agreed step.
+    abort = self.stopping if jax.process_count() == 1 else (lambda: False)
+    faults.pause_until("eval_pause", step, self.run_.workdir, abort)
+    with _out_of_memory_message("the evaluation step", "eval_batch_size",
+                                config.eval_batch_size, step, self.checkpointer):
+      faults.raise_out_of_memory("eval_oom", step)
+      results = evaluate(self.eval_step, state, self.run_.eval_batches(), self.run_.mesh,
+                         abort=abort)
+    if results is None:
+      logging.warning("The evaluation of step %d was interrupted; it runs first when the run "
+                      "resumes.", step)
+      return False
+    self.results = results
+    self.writer.write_scalars(step, results)
+    logging.info(console.eval_line(step, results))
+    return True
+
+  def save_and_wait(self, step: int, state: TrainState, metrics_buffer, pending_eval: bool):
+    metrics_buffer.check()  # never save a state that went non-finite
+    self.checkpointer.save_now(step, state, dict(self.run_.metadata, pending_eval=pending_eval))
+    self.writer.flush()
+
+  def run(self, state: TrainState, restored_metadata: dict[str, Any]) -> TrainState:
+    run, config = self.run_, self.run_.config
+    start_step = int(state.step)
+    if start_step > 0 and jax.process_index() == 0:
+      # The steps after the checkpoint were logged by the run that stopped: drop them first.
+      events.purge_after(run.workdir, start_step)
+    self.writer = _metric_writer(run.workdir)
+    if start_step == 0:
+      self.writer.write_hparams(_flat(config.to_dict()))
+    name = run.metadata["description"]
+    if restored_metadata.get("pending_eval"):
+      logging.info("Running the evaluation of step %d first: the previous run stopped before "
+                   "it was done.", start_step)
+      if not self.evaluate(state, start_step):
+        raise preemption.Preempted(self.watcher.signal, start_step, self.checkpointer.directory)
+      self.checkpointer.mark_evaluated(start_step)
+    if start_step >= run.total_steps:
+      logging.info("Nothing to train: the checkpoint is at step %d of %d.", start_step,
+                   run.total_steps)
+      return self._finish(state, start_step, name)
+    batches = pipeline.train_batches(
+        config.data, batch_size=run.local_batch, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    progress = console.Progress(run.total_steps, config.batch_size, start_step)
+    logging.info("Training %s on %s: %d steps (%d per epoch), global batch %d, %d device%s.",
+                 name, config.data.name, run.total_steps, run.steps_per_epoch, config.batch_size,
+                 run.mesh.devices.size, "" if run.mesh.devices.size == 1 else "s")
+    metrics_buffer = _MetricsBuffer(self.checkpointer, start_step)
+    previous = None
+    with self.watcher or contextlib.nullcontext():
+      for step in range(start_step + 1, run.total_steps + 1):
+        with _out_of_memory_message("the train step", "batch_size", config.batch_size, step,
+                                    self.checkpointer):
+          state, metrics = self.train_step(state, sharding.to_global(next(batches), run.mesh))
+          metrics_buffer.add(step, metrics)
+          # At most one step in flight behind this one: a stop request is answered at the next
+          # step, not after a queue of dispatched ones.
+          jax.block_until_ready(previous)
+        previous = metrics
+        last = step == run.total_steps
+        stop = self.watcher is not None and self.watcher.should_stop(step)
+        if step % config.log_every_steps == 0 or last or stop:
+          summary = metrics_buffer.summary()
+          self.writer.write_scalars(step, summary)
+          logging.info(progress.line(step, summary))
+        eval_due = step % run.eval_every == 0 or last
+        if last and not stop:  # saved before the final evaluation, which may fail or stop
+          self.save_and_wait(step, state, metrics_buffer, pending_eval=True)
+        if eval_due and not stop:
+          stop = not self.evaluate(state, step)
+          if last and not stop:
+            self.checkpointer.mark_evaluated(step)
         if stop:
           logging.warning("Stopping: saving step %d.", step)
-        metrics_buffer.check()  # never save a state that went non-finite
-        checkpointer.save_now(step, state, run.metadata)
-        writer.flush()
-        if stop:
-          raise preemption.Preempted(watcher.signal, step, checkpointer.directory)
-      elif step % config.checkpoint_every_steps == 0:
-        metrics_buffer.check()
-        checkpointer.save(step, state, run.metadata)
-  writer.close()
-  logging.info(console.summary(name, run.total_steps, results, checkpointer.directory,
-                               run.workdir))
-  return state
+          if not last:
+            self.save_and_wait(step, state, metrics_buffer, pending_eval=eval_due)
+          raise preemption.Preempted(self.watcher.signal, step, self.checkpointer.directory)
+        if not last and step % config.checkpoint_every_steps == 0:
+          metrics_buffer.check()
+          self.checkpointer.save(step, state, run.metadata)
+    return self._finish(state, run.total_steps, name)
+
+  def _finish(self, state: TrainState, steps: int, name: str) -> TrainState:
+    self.writer.close()
+    logging.info(console.summary(name, steps, self.results, self.checkpointer.directory,
+                                 self.run_.workdir))
+    return state
+
+
+@contextlib.contextmanager
+def _out_of_memory_message(what: str, field: str, value: int, step: int,
+                           checkpointer: checkpointing.Checkpointer):
+  """A device out-of-memory error as one message: the batch size, what to change, what is safe."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    advice = (f"lower config.{field}" if field == "eval_batch_size" else
+              f"lower config.{field}, raise config.grad_accum_steps, or set "
+              "config.model.remat=True")
+    raise DeviceOutOfMemory(
+        f"The device ran out of memory in {what} at step {step} with config.{field}={value} "
+        f"({str(e).splitlines()[0][:160]}). To fit, {advice}; the newest checkpoint is step "
+        f"{checkpointer.latest_step()} in {checkpointer.directory} (rerun to resume from it)."
+    ) from None
+
+
+class DeviceOutOfMemory(ValueError):
+  """A step did not fit in device memory (a user error: the batch size is the user's)."""
 
 
 def _metric_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -275,8 +365,9 @@ class _MetricsBuffer:
   """Step metrics, fetched from the device only at log and checkpoint steps (no sync per step)
   and checked in step order, so a NaN is reported at the step where it first appeared."""
 
-  def __init__(self, checkpointer: checkpointing.Checkpointer):
+  def __init__(self, checkpointer: checkpointing.Checkpointer, start_step: int = 0):
     self._checkpointer = checkpointer
+    self._start_step = start_step
     self._on_device: list[tuple[int, Any]] = []
     self._on_host: list[dict[str, float]] = []
     self.last_finite: Optional[tuple[int, dict[str, float]]] = None
@@ -293,11 +384,23 @@ class _MetricsBuffer:
         last = ("none (the first step of this run)" if self.last_finite is None
                 else f"step {self.last_finite[0]}: {_fmt(self.last_finite[1])}")
         self._checkpointer.wait()
+        newest = self._checkpointer.latest_step()
+        if newest is None:
+          where = ("There is no checkpoint yet: lower --config.optim.lr or set "
+                   "--config.optim.grad_clip_norm and rerun (it starts from scratch).")
+        else:
+          where = (f"The newest good checkpoint is step {newest} in "
+                   f"{self._checkpointer.directory}: lower --config.optim.lr or set "
+                   "--config.optim.grad_clip_norm and rerun to resume from it (both may change "
+                   "on a resume).")
+        if 0 < self._start_step and step - self._start_step <= 10:
+          where += (f" This is within {step - self._start_step} steps of resuming from step "
+                    f"{self._start_step}: that checkpoint itself may be bad. To resume from the "
+                    f"one before it, move {self._checkpointer.directory}/{self._start_step} "
+                    "aside (e.g. into checkpoints.corrupt/) and rerun.")
         raise FloatingPointError(
             f"Non-finite training metrics at step {step}: {_fmt(values)}. Last finite metrics: "
-            f"{last}. Nothing from step {step} on was saved; the newest good checkpoint is step "
-            f"{self._checkpointer.latest_step()} in {self._checkpointer.directory}. Lower "
-            "optim.lr or set optim.grad_clip_norm, then rerun to resume from it.")
+            f"{last}. Nothing from step {step} on was saved. {where}")
       self.last_finite = (step, values)
       self._on_host.append(values)
     self._on_device = []

@@ -70,8 +70,9 @@ def create_optimizer(config: ml_collections.ConfigDict,
                      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
   else:
     raise ValueError(f"config.optim.name={o.name!r} is not supported; use one of {OPTIMIZERS}.")
-  if o.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  # Always in the chain (an infinite norm when off: the identity), so that clipping can be
+  # switched on when resuming a run that diverged: the optimizer state keeps its structure.
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm or float("inf")), tx)
   if o.get("backbone_lr_mult", 1.0) != 1.0:
     # Scaling the final update equals a lower lr for those params (momentum and decay included),
     # as the official transfer script's parameter groups do.

@@ -4,7 +4,7 @@ Nothing here imports TensorFlow, tfds or clu (accelerator images often lack them
 benchmark times exactly the step that ``train.py`` runs.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
 from dynamixer_jax import models
-from dynamixer_jax.augment import mixing
+from dynamixer_jax.augment import device
 from dynamixer_jax.train import optim
 
 Batch = dict[str, jax.Array]
@@ -41,11 +42,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
                              dtype=compute_dtype(config.dtype), **kwargs)
 
 
-def normalize(images: jax.Array, mean, std) -> jax.Array:
-  """uint8 pixels -> float32 normalised with per-channel mean/std (given for 0..1 pixels)."""
-  mean = jnp.asarray(mean, jnp.float32) * 255.0
-  std = jnp.asarray(std, jnp.float32) * 255.0
-  return (images.astype(jnp.float32) - mean) / std
+normalize = device.normalize  # uint8 pixels -> normalised float32, for eval and inference
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
@@ -57,14 +54,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    config: ml_collections.ConfigDict, num_classes: int) -> Callable:
+                    config: ml_collections.ConfigDict, num_classes: int,
+                    mesh: Optional[Mesh] = None) -> Callable:
   """``(state, batch) -> (state, metrics)``: forward, backward, optimizer and EMA update.
 
   With ``config.grad_accum_steps = k > 1`` the global batch is processed as k micro-batches in
   sequence (``lax.scan``) and their mean gradient makes one update: the update of the full
   batch (tested) with about 1/k of the activation memory. Micro-batch ``i`` takes every k-th
   example, so each device keeps working on its own rows; stochastic-depth masks are drawn per
-  micro-batch.
+  micro-batch. ``mesh``: the batch's mesh, so that per-image augmentation runs on each device's
+  own rows (``augment.device``); None on one device.
   """
   train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   augment_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
@@ -95,12 +94,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(train_key, state.step)
-    images = normalize(batch["image"], config.mean, config.std)
-    # Mixup / cutmix per chunk, then random erasing; smoothing is folded into the soft targets.
-    # This runs on the whole global batch, so accumulation does not change the augmentation.
-    images, targets = mixing.augment_batch(
-        jax.random.fold_in(augment_key, state.step), images, batch["label"], num_classes,
-        config.label_smoothing, config.augment)
+    # Flip, RandAugment, mixup / cutmix, normalisation, random erasing: timm's order, on the
+    # whole global batch (so accumulation does not change the augmentation); smoothing is folded
+    # into the soft targets.
+    images, targets = device.augment_batch(
+        jax.random.fold_in(augment_key, state.step), batch["image"], batch["label"],
+        num_classes, config, mesh)
 
     if accum > 1:
       (loss, logits), grads = accumulated(state.params, images, targets, key)

@@ -1,0 +1,106 @@
+"""What machine a figure was measured on, and what its peak is.
+
+The CPU's model and vector extensions (the speed of XLA:CPU and of torch depends on them), the
+accelerator's datasheet bf16 peak (by its exact device kind: an unknown device gets no peak, never
+a guess), and a matmul peak measured in the same run, for MFU.
+"""
+
+import os
+import platform
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 tensor throughput from the vendors' datasheets, TFLOP/s (no sparsity), keyed by
+# substrings of jax's device_kind, most specific first.
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),  # NVIDIA H100 PCIe
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # NVIDIA H100 SXM5 (device_kind 'NVIDIA H100 80GB HBM3')
+    ("H200", 989.4),  # NVIDIA H200 SXM (the H100's compute, more memory)
+    ("GH200", 989.4),
+    ("A100", 312.0),  # NVIDIA A100 SXM and PCIe
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),  # the AWS variant of the A10
+    ("A10", 125.0),
+    ("TPU v6 lite", 918.0),  # Trillium (v6e), per chip
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
+)
+EXTENSIONS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+              ("amx_tile", "AMX"), ("amx_bf16", "AMX-BF16"), ("asimd", "NEON"), ("sve", "SVE"))
+
+
+def _cpuinfo() -> dict[str, str]:
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  return info
+
+
+def cpu_model() -> str:
+  info = _cpuinfo()
+  return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+
+
+def vector_extensions() -> list[str]:
+  flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
+  return [name for flag, name in EXTENSIONS if flag in flags]
+
+
+def host_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_description() -> str:
+  """e.g. 'Intel(R) Xeon(R) Processor, 2 cores, AVX2 AVX-512 AMX'."""
+  extensions = " ".join(vector_extensions()) or "no AVX2/AVX-512/AMX"
+  return f"{cpu_model()}, {host_cores()} cores, {extensions}"
+
+
+def datasheet_peak_tflops(device_kind: str) -> Optional[float]:
+  """The datasheet dense bf16 peak of a known accelerator, else None (CPUs included)."""
+  for pattern, tflops in DATASHEET_BF16_TFLOPS:
+    if pattern in device_kind:
+      return tflops
+  return None
+
+
+def bf16_native(device) -> str:
+  """Whether bfloat16 matmuls run in hardware on ``device`` (a short answer for the doctor)."""
+  if device.platform == "tpu":
+    return "yes (TPU)"
+  if device.platform == "gpu":
+    major = getattr(device, "compute_capability", "0").split(".")[0]
+    return "yes" if major.isdigit() and int(major) >= 8 else f"no (compute capability {major})"
+  ext = vector_extensions()
+  if "AMX-BF16" in ext or "AVX512-BF16" in ext:
+    return "yes (" + ", ".join(e for e in ext if "BF16" in e) + "; XLA:CPU may still emulate)"
+  return "no (emulated in float32)"
+
+
+def measure_matmul_tflops(dtype=jnp.bfloat16, size: Optional[int] = None,
+                          repeats: int = 5) -> float:
+  """The TFLOP/s of a square matmul on the default device, measured now (the peak for MFU)."""
+  device = jax.devices()[0]
+  size = size or (8192 if device.platform != "cpu" else 1024)
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best / 1e12
