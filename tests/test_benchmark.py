@@ -62,6 +62,35 @@ def test_tiny_infer_with_peak_and_overrides(tmp_path):
   assert result["mesh"] == "data=2" and result["device_count"] == 8  # conftest's fake devices
 
 
+def test_rounds_alternate_jax_and_the_torch_reference(monkeypatch):
+  """``--rounds 3``: JAX, eager, compile, three times over; medians and per-round ratios."""
+  order, torch_rates = [], iter([2.0, 1.0, 4.0, 1.0, 3.0, 1.0])
+  real_time_steps = benchmark.time_steps
+
+  def timed_jax(*args):
+    order.append("jax")
+    return real_time_steps(*args)
+
+  def fake_torch(args, compile_):
+    order.append("compile" if compile_ else "eager")
+    return dict(images_per_s=next(torch_rates), torch_version="test", threads=2)
+
+  monkeypatch.setattr(benchmark, "time_steps", timed_jax)
+  monkeypatch.setattr(benchmark, "run_torch_reference", fake_torch)
+  args = benchmark.build_parser().parse_args([
+      "--tiny", "--batch", "2", "--mode", "infer", "--steps", "1", "--repeats", "1", "--warmup",
+      "0", "--rounds", "3", "--torch_reference", "unused", "--torch_compile"])
+  result = benchmark.measure(args)
+  assert order == ["jax", "eager", "compile"] * 3
+  assert result["torch_eager"]["images_per_s_rounds"] == [2.0, 4.0, 3.0]
+  assert result["torch_eager"]["images_per_s"] == 3.0 and result["torch_compile"]["images_per_s"] == 1.0
+  jax_rounds = result["images_per_s_rounds"]
+  assert len(jax_rounds) == 3 and result["images_per_s"] == sorted(jax_rounds)[1]
+  assert result["ratio_torch_eager_rounds"] == pytest.approx(
+      [j / t for j, t in zip(jax_rounds, [2.0, 4.0, 3.0])])
+  assert "alternated in 3 rounds" in benchmark.report(result)
+
+
 def test_bad_override_is_explained():
   with pytest.raises(ValueError, match="FIELD=VALUE"):
     benchmark.main(["--tiny", "--override", "image_size"])
@@ -94,6 +123,7 @@ def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   assert table in result.stdout
 
 
+@pytest.mark.slow
 def test_doctor_reports_the_machine():
   result = subprocess.run([sys.executable, "-m", "dynamixer_jax.doctor"], capture_output=True,
                           text=True, timeout=300,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,23 +74,6 @@ def _steps(workdir):
 # ------------------------------------------------------------------------------- preemption
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_step_it_is_at_and_exits_143(tmp_path):
-  """(Resuming from any checkpoint, this one included, is tested in process: test_train.py.)"""
-  workdir = tmp_path / "run"
-  proc, log = _start(workdir, "--config.num_train_steps=200", "--config.checkpoint_every_steps=1000",
-                     "--config.eval_every_epochs=100")
-  _wait_for(lambda: "step 3/200" in _read(log), proc, "step 3")
-  proc.send_signal(signal.SIGTERM)
-  code, out = _finish(proc, log)
-  assert code == 128 + signal.SIGTERM, out[-3000:]
-  saved = _steps(workdir)
-  assert len(saved) == 1 and 3 <= saved[0] < 200, saved  # the step it was at, not a periodic one
-  assert f"Stopped by SIGTERM after step {saved[0]}: saved, exiting" in out
-  state, _ = checkpointing.Checkpointer(str(workdir / "checkpoints")).restore(None, saved[0])
-  assert int(state["step"]) == saved[0]
-
-
 def test_sigint_stops_at_a_step_boundary_and_twice_interrupts():
   with preemption.PreemptionWatcher() as watcher:
     assert not watcher.should_stop(1)
@@ -131,26 +115,6 @@ def test_ctrl_c_stops_at_the_next_step_and_twice_exits_at_once_in_one_line(tmp_p
 
 
 @pytest.mark.slow
-def test_the_signal_handlers_are_restored_when_the_loop_returns(tmp_path):
-  """train_and_evaluate in a process of its own (never in pytest's): the SIGTERM and SIGINT
-  handlers after it are the ones before it."""
-  code = ("import signal, sys\n"
-          "from dynamixer_jax import recipes\n"
-          "from dynamixer_jax.train import loop\n"
-          "before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]\n"
-          "config = recipes.load(sys.argv[1])\n"
-          "config.num_train_steps = 2\n"
-          "loop.train_and_evaluate(config, sys.argv[2])\n"
-          "after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]\n"
-          "print('restored' if after == before else f'changed: {before} -> {after}')\n")
-  result = subprocess.run([sys.executable, "-c", code, TINY, str(tmp_path / "run")], cwd=ROOT,
-                          env=_child_env(), capture_output=True, text=True,
-                          timeout=CHILD_TIMEOUT_S)
-  assert result.returncode == 0 and result.stdout.strip().endswith("restored"), (
-      result.stdout + result.stderr[-3000:])
-
-
-@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   proc, log = _start(workdir, "--config.num_train_steps=10", "--config.eval_every_epochs=100",
@@ -161,9 +125,30 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=CHILD_TIMEOUT_S)
   assert _steps(workdir) == [2]
-  code, out = _run_child(workdir, "--config.num_train_steps=6")
-  assert code == 0, out[-3000:]
+  # The restart runs train_and_evaluate in a process of its own (never in pytest's, which has
+  # handlers of its own): it resumes, and the SIGTERM and SIGINT handlers after it are the ones
+  # before it.
+  result = subprocess.run([sys.executable, "-c", _RESUME_AND_CHECK_HANDLERS, TINY, str(workdir)],
+                          cwd=ROOT, env=_child_env(), capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT_S)
+  out = result.stdout + result.stderr
+  assert result.returncode == 0 and result.stdout.strip().endswith("restored"), out[-3000:]
   assert "Resumed from step 2" in out and _steps(workdir) == [2, 4, 6]
+
+
+_RESUME_AND_CHECK_HANDLERS = """
+import signal, sys
+from absl import logging
+from dynamixer_jax import recipes
+from dynamixer_jax.train import loop
+logging.set_verbosity(logging.INFO)
+before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+config = recipes.load(sys.argv[1])
+config.num_train_steps = 6
+loop.train_and_evaluate(config, sys.argv[2])
+after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+print("restored" if after == before else f"changed: {before} -> {after}")
+"""
 
 
 # --------------------------------------------------------------- corrupt and foreign checkpoints
@@ -175,8 +160,22 @@ def _train(config, workdir, steps):
   return loop.train_and_evaluate(config, str(workdir), handle_signals=False)
 
 
-def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 4)  # checkpoints 2 and 4
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  _train(tiny_config(), workdir, 4)  # checkpoints 2 and 4
+  return workdir
+
+
+@pytest.fixture
+def trained(_trained_once, tmp_path):
+  """A copy of one tiny run trained to step 4 (checkpoints 2 and 4), for each test to damage."""
+  shutil.copytree(_trained_once, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_good_one(trained, caplog):
+  tmp_path = trained
   for path in glob.glob(str(tmp_path / "checkpoints" / "4" / "state" / "**"), recursive=True):
     if os.path.isfile(path):
       with open(path, "r+b") as f:  # truncate every file of the newest step
@@ -190,31 +189,32 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_newest_good_one(tmp_path
   assert _steps(tmp_path) == [2, 4, 6]  # step 4 written again
 
 
-def test_a_checkpoint_of_another_model_is_refused_with_keys_and_shapes(tmp_path):
-  _train(tiny_config(), tmp_path, 2)
+def test_a_checkpoint_of_another_model_is_refused_with_keys_and_shapes(trained):
+  tmp_path = trained
   other = tiny_config()
   other.model.entries = ((1, 16, 2, 2, 2.0, True), (1, 48, 4, 2, 2.0, False))
   with pytest.raises(ValueError, match=r"another configuration:\n  config.model.entries"):
-    _train(other, tmp_path, 4)
+    _train(other, tmp_path, 6)
   other.force_resume = True  # the user insists: the weights still cannot fit
   with pytest.raises(ValueError, match=r"does not fit the model:\n  26 shapes differ .*: "
                                        r"head/kernel \(32, 10\) vs \(48, 10\)"):
-    _train(other, tmp_path, 4)
+    _train(other, tmp_path, 6)
 
 
-def test_a_workdir_of_another_run_is_refused_unless_forced(tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 2)
+@pytest.mark.slow  # several runs of one workdir: the inner loop leaves it to the full suite
+def test_a_workdir_of_another_run_is_refused_unless_forced(trained, caplog):
+  tmp_path = trained
   for field, value in (("seed", 7), ("batch_size", 8), ("data.name", "cifar100")):
     config = tiny_config()
     parent, _, leaf = field.rpartition(".")
     (config[parent] if parent else config)[leaf] = value
     with pytest.raises(ValueError, match=f"config.{field}: .* in the saved run, .* now"):
-      _train(config, tmp_path, 4)
+      _train(config, tmp_path, 6)
   config = tiny_config()
   config.optim.weight_decay = 0.01
   config.force_resume = True
   with caplog.at_level(logging.WARNING):
-    assert int(_train(config, tmp_path, 3).step) == 3
+    assert int(_train(config, tmp_path, 5).step) == 5
   assert "force_resume: resuming despite config.optim.weight_decay" in caplog.text
   config = tiny_config()  # what may change freely: mesh, length, cadence, and to recover: lr
   config.optim.weight_decay = 0.01  # the run's own value since the forced resume
@@ -222,7 +222,7 @@ def test_a_workdir_of_another_run_is_refused_unless_forced(tmp_path, caplog):
   config.mesh = {"data": 2, "fsdp": 4}
   config.log_every_steps = config.eval_every_epochs = 1
   with caplog.at_level(logging.WARNING):
-    assert int(_train(config, tmp_path, 4).step) == 4
+    assert int(_train(config, tmp_path, 6).step) == 6
   assert "Resuming with a changed recovery setting: config.optim.lr: 0.002" in caplog.text
   assert "config.optim.grad_clip_norm: 0.0 in the saved run, 1.0 now" in caplog.text
 
@@ -252,19 +252,19 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_finite_metrics(tmp_p
 
 
 def test_the_advice_after_a_nan_works_and_a_nan_right_after_a_resume_blames_the_checkpoint(
-    tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 2)  # a good checkpoint at step 2
+    trained, caplog):
+  tmp_path = trained  # a good checkpoint at step 4
   config = tiny_config()
   config.optim.lr = 1e12  # diverges at once after the resume
   with pytest.raises(FloatingPointError) as info:
-    _train(config, tmp_path, 8)
+    _train(config, tmp_path, 10)
   message = str(info.value)
   assert "lower --config.optim.lr" in message and "within" in message
-  assert f"move {tmp_path / 'checkpoints'}/2 aside" in message
+  assert f"move {tmp_path / 'checkpoints'}/4 aside" in message
   config = tiny_config()  # the advice: a lower learning rate, and rerun (no force_resume)
   config.optim.lr = 1e-3
   with caplog.at_level(logging.WARNING):
-    assert int(_train(config, tmp_path, 4).step) == 4
+    assert int(_train(config, tmp_path, 6).step) == 6
   assert "changed recovery setting: config.optim.lr" in caplog.text
 
 
@@ -310,8 +310,8 @@ def _largest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used(tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 4)  # checkpoints 2 and 4
+def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used(trained, caplog):
+  tmp_path = trained
   victim = _largest_file(str(tmp_path / "checkpoints" / "4" / "state"))
   size = os.path.getsize(victim)
   with open(victim, "r+b") as f:  # 64 bytes in the middle, the size unchanged
@@ -328,8 +328,8 @@ def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used
   print("reported:", [r.getMessage() for r in caplog.records if "step 4" in r.getMessage()][:1])
 
 
-def test_only_damaged_metadata_still_resumes_from_the_arrays(tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 4)
+def test_only_damaged_metadata_still_resumes_from_the_arrays(trained, caplog):
+  tmp_path = trained
   for step in (2, 4):
     (tmp_path / "checkpoints" / str(step) / "metadata" / "metadata").write_text("{garbage")
   with caplog.at_level(logging.INFO):
@@ -339,8 +339,8 @@ def test_only_damaged_metadata_still_resumes_from_the_arrays(tmp_path, caplog):
   assert not os.path.exists(tmp_path / "checkpoints.corrupt")
 
 
-def test_when_no_checkpoint_is_usable_the_run_refuses_instead_of_starting_over(tmp_path):
-  _train(tiny_config(), tmp_path, 4)
+def test_when_no_checkpoint_is_usable_the_run_refuses_instead_of_starting_over(trained):
+  tmp_path = trained
   for step in (2, 4):
     for path in glob.glob(str(tmp_path / "checkpoints" / str(step) / "state" / "**"),
                           recursive=True):
@@ -356,14 +356,14 @@ def test_when_no_checkpoint_is_usable_the_run_refuses_instead_of_starting_over(t
   assert len(glob.glob(str(tmp_path / "checkpoints.corrupt" / "*"))) == 2
 
 
-def test_a_folder_that_is_not_a_checkpoint_is_left_alone(tmp_path, caplog):
-  _train(tiny_config(), tmp_path, 2)
+def test_a_folder_that_is_not_a_checkpoint_is_left_alone(trained, caplog):
+  tmp_path = trained
   notes = tmp_path / "checkpoints" / "999" / "notes.txt"
   notes.parent.mkdir()
   notes.write_text("my notes")
   with caplog.at_level(logging.INFO):
-    state = _train(tiny_config(), tmp_path, 4)
-  assert int(state.step) == 4 and "Resumed from step 2" in caplog.text
+    state = _train(tiny_config(), tmp_path, 6)
+  assert int(state.step) == 6 and "Resumed from step 4" in caplog.text
   assert "999 that are not checkpoints" in caplog.text and notes.read_text() == "my notes"
   assert not os.path.exists(tmp_path / "checkpoints.corrupt")
 
@@ -381,8 +381,9 @@ def test_a_second_run_in_a_busy_workdir_stops_at_once_and_a_killed_one_does_not_
   assert "Traceback" not in out
   first.send_signal(signal.SIGKILL)  # a dead run: the kernel drops its lock
   first.wait(timeout=CHILD_TIMEOUT_S)
-  code, out = _run_child(workdir, "--config.num_train_steps=2")
-  assert code == 0, out[-3000:]
+  from dynamixer_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  with workdir_lock.WorkdirLock(str(workdir)) as held:  # what the next train.py takes first
+    assert held.held_as == "flock"
 
 
 def test_the_lease_of_a_workdir_without_os_locks(tmp_path):
@@ -440,6 +441,8 @@ def test_out_of_memory_in_the_final_evaluation_keeps_the_last_steps(tmp_path, mo
 
 @pytest.mark.slow
 def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_path):
+  """SIGTERM: the step the run is at is saved (checkpoints every 1000 steps here), exit 143; the
+  interrupted evaluation runs first on resume."""
   workdir = tmp_path / "run"
   # 64 mock examples / 16 = 4 steps an epoch: the evaluation of step 4, held by the fault hook.
   proc, log = _start(workdir, "--config.num_train_steps=12", "--config.eval_every_epochs=1",
@@ -449,7 +452,10 @@ def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_pat
   code, out = _finish(proc, log)
   assert code == 128 + signal.SIGTERM, out[-3000:]
   assert "The evaluation of step 4 was interrupted" in out
-  assert _steps(workdir) == [4]  # the step it was at, not one more
+  assert "Stopped by SIGTERM after step 4: saved, exiting" in out
+  assert _steps(workdir) == [4]  # the step it was at, not one more nor a periodic one
+  state, _ = checkpointing.Checkpointer(str(workdir / "checkpoints")).restore(None, 4)
+  assert int(state["step"]) == 4
   assert checkpointing.Checkpointer(str(workdir / "checkpoints")).metadata(4)["pending_eval"]
   code, out = _run_child(workdir, "--config.num_train_steps=6", "--config.eval_every_epochs=100")
   assert code == 0, out[-3000:]
@@ -457,20 +463,17 @@ def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_pat
   assert "Running the evaluation of step 4 first" in out and first_eval < out.index("step 5/6")
 
 
-def test_redone_steps_are_logged_to_tensorboard_once(tmp_path):
+def test_redone_steps_are_logged_to_tensorboard_once(trained):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
+  tmp_path = trained  # steps 2 and 4 logged (log_every_steps=2), checkpoints 2 and 4
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging step 4
   config = tiny_config()
   config.log_every_steps = 1
-  _train(config, tmp_path, 4)  # checkpoints 2 and 4, every step logged
-  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging 3 and 4
-  config = tiny_config()
-  config.log_every_steps = 1
-  _train(config, tmp_path, 6)  # resumes from 2: steps 3 and 4 logged again
+  _train(config, tmp_path, 6)  # resumes from 2: steps 3 to 6 logged, step 4 a second time
   steps = []
   for path in sorted(glob.glob(str(tmp_path / "events.out.tfevents.*"))):
     acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0},
                                              purge_orphaned_data=False)
     acc.Reload()
     steps += [e.step for e in acc.Tensors("loss")] if "loss" in acc.Tags()["tensors"] else []
-  assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps
+  assert sorted(steps) == [2, 3, 4, 5, 6], steps

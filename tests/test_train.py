@@ -169,6 +169,7 @@ def _augmented_config():
   return config
 
 
+@pytest.mark.slow  # several runs of one workdir: the inner loop leaves it to the full suite
 def test_stop_and_resume_equals_an_uninterrupted_run_on_mock_data(tmp_path):
   """With flip, RandAugment, mixup/cutmix and erasing on the device: a resumed run sees the same
   augmented images, so it ends with exactly the parameters of an uninterrupted one."""
@@ -280,3 +281,4 @@ def test_the_quickstart_in_bfloat16_reaches_the_same_accuracy(tmp_path):
                                   r"([0-9.]+) %", log).groups())
   print(f"bfloat16 quickstart held-out top-1: raw {raw} %, EMA {ema} %")
   assert raw >= 95 and ema >= 95, log[-3000:]
+

@@ -90,10 +90,18 @@ def test_saved_weights_load_back_quietly_with_the_official_logits(saved_weights,
   assert meta["model"]["family"] == "dynamixer" and meta["model"]["name"] is None
 
 
+def _main(module, capsys, *args):
+  """A command's ``main`` in this process (its happy path; the error paths run as children in
+  test_cli.py): what it prints to stdout."""
+  capsys.readouterr()
+  module.main([str(a) for a in args])
+  return capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_evaluate_gives_the_models_own_top1(saved_weights):
-  out = _cli("dynamixer_jax.evaluate", "--checkpoint", saved_weights, "--dataset", "cifar10",
-             "--mock", "--batch_size", "24", "--json").stdout
+def test_evaluate_gives_the_models_own_top1(saved_weights, capsys):
+  out = _main(evaluate, capsys, "--checkpoint", saved_weights, "--dataset", "cifar10", "--mock",
+              "--batch_size", "24", "--json")
   results = json.loads(out.strip().splitlines()[-1])
   # The same images through model.apply directly, no eval loop.
   from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -133,11 +141,11 @@ def test_read_rgb_handles_every_mode(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_cli_prints_top5_and_writes_json_and_csv(saved_weights, tmp_path):
+def test_predict_cli_prints_top5_and_writes_json_and_csv(saved_weights, tmp_path, capsys):
   _, paths = _images(tmp_path)
   files = [str(p) for p in paths.values()]
-  out = _cli("dynamixer_jax.predict", "--checkpoint", saved_weights, *files,
-             "--output", tmp_path / "results.json").stdout
+  out = _main(predict, capsys, "--checkpoint", saved_weights, *files,
+              "--output", tmp_path / "results.json")
   for path in files:
     assert path in out
   top = predict.predict(str(saved_weights), [files[0]])[0]
@@ -148,11 +156,23 @@ def test_predict_cli_prints_top5_and_writes_json_and_csv(saved_weights, tmp_path
   first = saved[0]["predictions"]
   assert [p["label"] for p in first] == [name for name, _ in top]
   assert [p["probability"] for p in first] == pytest.approx([prob for _, prob in top])
-  _cli("dynamixer_jax.predict", "--checkpoint", saved_weights, files[0], "--top-k", "2",
-       "--output", tmp_path / "results.csv")  # the dashed spelling is an alias
+  _main(predict, capsys, "--checkpoint", saved_weights, files[0], "--top-k", "2",
+        "--output", tmp_path / "results.csv")  # the dashed spelling is an alias
   rows = (tmp_path / "results.csv").read_text().splitlines()
   assert rows[0] == "file,rank,label,probability" and len(rows) == 3
   assert rows[1].startswith(f"{files[0]},1,{top[0][0]},")
+
+
+@pytest.mark.slow  # six compiles
+def test_the_precision_study_evaluates_every_variant(saved_weights, capsys):
+  """``benchmark.precision`` (the README's bfloat16 evidence) on the official tiny weights and
+  the 360 held-out digits: float32 is the reference, every variant differs from it a little."""
+  from dynamixer_jax.benchmark import precision  # pylint: disable=g-import-not-at-top
+  rows = precision.main(["--checkpoint", str(saved_weights)])
+  assert [r["variant"] for r in rows] == list(precision.VARIANTS)
+  assert rows[0]["agreement"] == 1.0 and rows[0]["relative_error"] == 0.0
+  assert all(0 < r["relative_error"] < 0.05 for r in rows[1:]), rows
+  assert "| bfloat16 as shipped |" in capsys.readouterr().out
 
 
 def test_imagenet_names_ship_with_the_package():

@@ -91,11 +91,15 @@ def compare(checkpoint: str) -> list[dict]:
   return rows
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
   p = cli.parser("benchmark.precision", __doc__.splitlines()[0],
                  [f"{PROG} --checkpoint runs/quickstart"])
   cli.add(p, "checkpoint", required=True, help="a DynaMixer trained on the digits")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+  args = build_parser().parse_args(argv)
   rows = compare(args.checkpoint)
   print("| variant | held-out top-1 | top-1 agrees with float32 | mean logit error |")
   print("|---|---|---|---|")

@@ -52,15 +52,9 @@ def _speed_rows(args, measured_peak: float) -> tuple[list[str], list[dict]]:
     for mode in ("train", "infer"):
       case = _args(args, model=name, mode=mode, dtype="bfloat16", batch=2 if tiny else batch,
                    steps=1 if tiny else 5, repeats=1 if tiny else 2, warmup=1,
-                   override=[], grad_accum_steps=1, mesh="", no_device_augment=False)
-      result = timing.benchmark_jax(case)
-      if args.torch_reference and not tiny:
-        for key, compile_ in (("torch_eager", False), ("torch_compile", True)):
-          ref = timing.run_torch_reference(_args(case, torch_reference=args.torch_reference,
-                                                 torch_pythonpath=args.torch_pythonpath),
-                                           compile_)
-          result[key] = ref
-          result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
+                   override=[], grad_accum_steps=1, mesh="", no_device_augment=False,
+                   torch_reference=None if tiny else args.torch_reference, torch_compile=True)
+      result = timing.measure(case)  # with the official model beside it, if a checkout is given
       result["mfu_measured_peak"] = result["achieved_tflops"] / measured_peak
       results.append(result)
       torch_cols = " | ".join(

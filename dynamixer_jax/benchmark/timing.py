@@ -4,7 +4,10 @@ The train step is the one ``train.py`` runs (``train.steps.make_train_step`` wit
 ``configlib.base_config()``: AdamW, label smoothing, drop path, EMA), fed uint8 images that it
 normalises on the device. ``--torch_reference`` times the official PyTorch model from a local
 checkout of github.com/ziyuwwang/DynaMixer in a subprocess (``torch_reference.py``) with the same
-batch and dtype, and prints JAX/torch ratios.
+batch and dtype, and prints JAX/torch ratios. With ``--rounds R`` the two sides alternate: JAX
+(compiled once), then each torch mode, R times over, so that a machine that speeds up or slows
+down during the run moves both sides alike; the figures are medians over the rounds and each
+round's ratio is printed.
 
 MFU = 3 x forward FLOPs x images/s / peak (the train step is counted as 3 forwards; inference
 as 1). The peak is ``--peak_tflops`` if given, else the datasheet bf16 peak of a known
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
   cli.add(p, "torch_pythonpath", default="", metavar="P1:P2",
           help="extra sys.path entries for the torch run (e.g. a timm that imports)")
   cli.add(p, "torch_compile", action="store_true", help="also time torch.compile")
+  cli.add(p, "rounds", type=cli.positive_int, default=1,
+          help="alternate JAX and the torch reference this many times (each round: --repeats "
+               "repeats of each side); figures are medians over rounds")
   return p
 
 
@@ -205,16 +211,26 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
   return run, compiled, time.perf_counter() - start
 
 
-def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
-  """Every figure of one JAX measurement (see ``report`` for what they mean)."""
+def benchmark_jax(args: argparse.Namespace,
+                  between_rounds: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+  """Every figure of one JAX measurement (see ``report`` for what they mean). With
+  ``args.rounds`` > 1, ``between_rounds()`` runs after each round of timing (the other side of an
+  alternating comparison) and the figures are the medians of the rounds' medians."""
   setup = _setup(args)
   run, compiled, compile_s = _compile(args, setup)
   for _ in range(args.warmup):
     jax.block_until_ready(run())
-  rates, times = time_steps(run, args.steps, args.repeats, args.batch)
+  round_rates, rates, times = [], [], []
+  for _ in range(args.rounds):
+    r, t = time_steps(run, args.steps, args.repeats, args.batch)
+    round_rates.append(statistics.median(r))
+    rates += r
+    times += t
+    if between_rounds:
+      between_rounds()
   device = jax.devices()[0]
   fwd_flops = flops.forward_flops(setup.model)
-  images_per_s = statistics.median(rates)
+  images_per_s = statistics.median(round_rates)
   achieved = (3 if args.mode == "train" else 1) * fwd_flops * images_per_s
   peak, peak_source = args.peak_tflops, "--peak_tflops"
   if peak is None:
@@ -227,7 +243,7 @@ def benchmark_jax(args: argparse.Namespace) -> dict[str, Any]:
       params=int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
       steps=args.steps, repeats=args.repeats, warmup=args.warmup,
       images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
-      images_per_s_all=rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
+      images_per_s_all=rates, images_per_s_rounds=round_rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
@@ -259,6 +275,8 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 def report(result: dict[str, Any]) -> str:
   gib = lambda b: b and b / 2**30
+  n_rounds = len(result["images_per_s_rounds"])
+  rounds = f"{n_rounds} rounds of " if n_rounds > 1 else ""
   lines = [
       f"{result['model']} {result['mode']} {result['dtype']} batch {result['batch']} "
       f"{result['image_size']}px"
@@ -266,7 +284,7 @@ def report(result: dict[str, Any]) -> str:
       + f" on {result['backend']} ({result['device']}, "
       f"{result['cpu']}), jax {result['jax_version']}"
       + (f", mesh {result['mesh']} of {result['device_count']} devices" if result["mesh"] else ""),
-      f"  images/s        {result['images_per_s']:.2f} (median of {result['repeats']}; "
+      f"  images/s        {result['images_per_s']:.2f} (median of {rounds}{result['repeats']}; "
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
       f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
       f"  compile time    {result['compile_time_s']:.1f} s",
@@ -283,6 +301,10 @@ def report(result: dict[str, Any]) -> str:
     if ref:
       lines.append(f"  {key:<15} {ref['images_per_s']:.2f} images/s (torch {ref['torch_version']},"
                    f" {ref['threads']} threads); JAX/torch = {result['ratio_' + key]:.2f}x")
+      per_round = result.get("ratio_" + key + "_rounds", [])
+      if len(per_round) > 1:
+        lines.append(f"  {'':<15} alternated in {len(per_round)} rounds; JAX/torch per round: "
+                     + ", ".join(f"{r:.2f}x" for r in per_round))
   return "\n".join(lines)
 
 
@@ -295,16 +317,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.torch_reference and (args.tiny or args.override):
     raise ValueError("--torch_reference runs the official model as registered; drop --tiny and "
                      "--override.")
-  result = benchmark_jax(args)
-  if args.torch_reference:
-    for key, compile_ in (("torch_eager", False), ("torch_compile", True)):
-      if compile_ and not args.torch_compile:
-        continue
-      ref = run_torch_reference(args, compile_)
-      result[key] = ref
-      result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
+  result = measure(args)
   print(report(result))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
+  return result
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+  """JAX, and the torch reference if asked, alternating round by round (``--rounds``)."""
+  modes = [] if not args.torch_reference else (
+      [("torch_eager", False)] + ([("torch_compile", True)] if args.torch_compile else []))
+  torch_rounds = {key: [] for key, _ in modes}
+
+  def torch_side():
+    for key, compile_ in modes:
+      torch_rounds[key].append(run_torch_reference(args, compile_))
+
+  result = benchmark_jax(args, between_rounds=torch_side if modes else None)
+  for key, refs in torch_rounds.items():
+    ref = dict(refs[-1])  # versions and settings; the rate is the median over the rounds
+    rates = [r["images_per_s"] for r in refs]
+    ref["images_per_s"] = statistics.median(rates)
+    ref["images_per_s_rounds"] = rates
+    result[key] = ref
+    result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
+    result["ratio_" + key + "_rounds"] = [
+        j / t for j, t in zip(result["images_per_s_rounds"], rates)]
   return result
