@@ -213,9 +213,9 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
 
 def benchmark_jax(args: argparse.Namespace,
                   between_rounds: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-  """Every figure of one JAX measurement (see ``report`` for what they mean). With
-  ``args.rounds`` > 1, ``between_rounds()`` runs after each round of timing (the other side of an
-  alternating comparison) and the figures are the medians of the rounds' medians."""
+  """Every figure of one JAX measurement (see ``report`` for what they mean), timed in
+  ``args.rounds`` rounds; ``between_rounds()`` runs after each one (the other side of an
+  alternating comparison). images/s is the median of the rounds' medians."""
   setup = _setup(args)
   run, compiled, compile_s = _compile(args, setup)
   for _ in range(args.warmup):
@@ -243,7 +243,8 @@ def benchmark_jax(args: argparse.Namespace,
       params=int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
       steps=args.steps, repeats=args.repeats, warmup=args.warmup,
       images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
-      images_per_s_all=rates, images_per_s_rounds=round_rates, step_time_s=statistics.median(times), compile_time_s=compile_s,
+      images_per_s_all=rates, images_per_s_rounds=round_rates,
+      step_time_s=statistics.median(times), compile_time_s=compile_s,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
