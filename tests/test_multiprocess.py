@@ -18,7 +18,7 @@ from dynamixer_jax.train import checkpointing, loop, optim, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_mock_config.py")
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ from dynamixer_jax.train import checkpointing, loop, preemption
 from test_train import ROOT, tiny_config
 
 TINY = os.path.join(ROOT, "tests", "tiny_mock_config.py")
-CHILD_TIMEOUT_S = 240
+CHILD_TIMEOUT_S = 480
 
 
 def _child_env(**extra):

@@ -21,7 +21,7 @@ from dynamixer_jax.weights import metadata as metadata_lib
 from dynamixer_jax.weights import official
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD_TIMEOUT_S = 180
+CHILD_TIMEOUT_S = 360
 
 
 def _torch():
