@@ -310,6 +310,31 @@ def _largest_file(directory):
   return max(files, key=os.path.getsize)
 
 
+def test_checksums_and_the_finiteness_check_agree_on_the_host_and_on_the_device():
+  """A CPU run checks in numpy, others in one XLA program: the same numbers either way."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import integrity  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  tree = {"f32": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32),
+          "bf16": jnp.asarray(rng.normal(size=(40,)), jnp.bfloat16),
+          "sharded": jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(16, 4),
+                                    NamedSharding(mesh, PartitionSpec("data"))),
+          "step": jnp.asarray(7, jnp.int32), "mask": jnp.asarray([True, False, True]),
+          "pixels": jnp.asarray(rng.integers(0, 256, (5, 3)), jnp.uint8)}
+  assert integrity._on_host(tree)
+  host = jax.tree.map(lambda x: np.asarray(x).tolist(), integrity._host_sums(tree))
+  device = jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(integrity._sums(tree)))
+  assert host == device
+  flipped = dict(tree, f32=tree["f32"].at[3, 5].multiply(-1.0))
+  assert integrity.checksums(flipped)["f32"] != integrity.checksums(tree)["f32"]
+  assert integrity.problems(tree, integrity.checksums(tree)) is None
+  bad = dict(tree, bf16=tree["bf16"].at[2].set(jnp.nan))
+  assert "1 array(s) hold NaN or Inf: bf16" in integrity.problems(bad, None)
+  assert jax.device_get(integrity._finite(bad))["bf16"] == np.False_
+
+
 def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used(trained, caplog):
   tmp_path = trained
   victim = _largest_file(str(tmp_path / "checkpoints" / "4" / "state"))

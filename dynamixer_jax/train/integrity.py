@@ -37,9 +37,32 @@ def _sums(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _on_host(tree: Any) -> bool:
+  """Every leaf is numpy, or a jax array whose every shard is in this process on a CPU."""
+  def here(x):
+    if not isinstance(x, jax.Array):
+      return True
+    return x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())
+  return all(here(x) for x in jax.tree.leaves(tree))
+
+
+def _host_sums(tree: Any) -> Any:
+  """``_sums`` in numpy: uint32 sums wrap around as XLA's do."""
+  def one(x):
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+      bits = x.astype(np.uint32).reshape(-1)
+    else:
+      bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+      bits = bits.astype(np.uint32).reshape(-1)
+    position = np.arange(bits.size, dtype=np.uint32) * _WEIGHT + np.uint32(1)
+    return np.stack([np.sum(bits, dtype=np.uint32), np.sum(bits * position, dtype=np.uint32)])
+  return jax.tree.map(one, tree)
+
+
 def checksums(state: Any) -> dict[str, list[int]]:
   """``{array path: [sum, weighted sum]}`` of every array of ``state``."""
-  sums = jax.device_get(_sums(state))
+  sums = _host_sums(state) if _on_host(state) else jax.device_get(_sums(state))
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]
   return {_name(path): [int(v) for v in np.asarray(value)] for path, value in flat}
 
@@ -58,7 +81,11 @@ def problems(state: Any, expected: Optional[dict[str, list[int]]]) -> Optional[s
     if wrong:
       return (f"the checksums of {len(wrong)} array(s) do not match what was saved (silent "
               f"corruption on disk): {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}")
-  finite = jax.device_get(_finite(state))
+  if _on_host(state):
+    finite = jax.tree.map(lambda x: bool(np.isfinite(np.asarray(x)).all())
+                          if jnp.issubdtype(x.dtype, jnp.floating) else True, state)
+  else:
+    finite = jax.device_get(_finite(state))
   bad = [_name(path) for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
   if bad:
     return f"{len(bad)} array(s) hold NaN or Inf: {', '.join(bad[:5])}"
