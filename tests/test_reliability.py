@@ -324,15 +324,17 @@ def test_checksums_and_the_finiteness_check_agree_on_the_host_and_on_the_device(
           "step": jnp.asarray(7, jnp.int32), "mask": jnp.asarray([True, False, True]),
           "pixels": jnp.asarray(rng.integers(0, 256, (5, 3)), jnp.uint8)}
   assert integrity._on_host(tree)
-  host = jax.tree.map(lambda x: np.asarray(x).tolist(), integrity._host_sums(tree))
-  device = jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(integrity._sums(tree)))
+  on_host = jax.tree.map(lambda x: integrity._array_sums(x, np), tree)
+  on_device = jax.device_get(integrity._on_device(integrity._array_sums, tree))
+  host = jax.tree.map(lambda x: np.asarray(x).tolist(), on_host)
+  device = jax.tree.map(lambda x: np.asarray(x).tolist(), on_device)
   assert host == device
   flipped = dict(tree, f32=tree["f32"].at[3, 5].multiply(-1.0))
   assert integrity.checksums(flipped)["f32"] != integrity.checksums(tree)["f32"]
   assert integrity.problems(tree, integrity.checksums(tree)) is None
   bad = dict(tree, bf16=tree["bf16"].at[2].set(jnp.nan))
   assert "1 array(s) hold NaN or Inf: bf16" in integrity.problems(bad, None)
-  assert jax.device_get(integrity._finite(bad))["bf16"] == np.False_
+  assert jax.device_get(integrity._on_device(integrity._array_finite, bad))["bf16"] == np.False_
 
 
 def test_flipped_bytes_in_an_array_file_are_caught_and_the_previous_step_is_used(trained, caplog):
