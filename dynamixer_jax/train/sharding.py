@@ -8,6 +8,8 @@ every mesh axis; parameters and optimizer state are sharded along ``fsdp`` by th
 partition rules, or replicated.
 """
 
+import dataclasses
+import functools
 import math
 import os
 import re
@@ -41,6 +43,33 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
                   num_processes=dist.num_processes if dist.num_processes > 0 else None,
                   process_id=dist.process_id if dist.process_id >= 0 else None)
   jax.distributed.initialize(**explicit, initialization_timeout=dist.timeout_s)
+  if dist.cpu_collectives == "gloo" and _is_loopback(dist.coordinator_address):
+    _bind_gloo_to_loopback()
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _is_loopback(address: str) -> bool:
+  return address.rpartition(":")[0] in LOOPBACK_HOSTS
+
+
+def _bind_gloo_to_loopback() -> None:
+  """All processes on this machine: gloo's TCP pairs listen on 127.0.0.1.
+
+  By default gloo binds the address this machine's hostname resolves to, which on some hosts is
+  not an interface the processes can reach each other on (seen in CI: the first collective
+  failed with "Gloo context initialization failed: Connect timeout"). JAX has no public setting
+  for it, so the CPU backend is registered again with gloo collectives bound to loopback; this
+  must happen before the first ``jax.devices()``.
+  """
+  from jax._src import distributed as jax_distributed, xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  collectives = _jax.make_gloo_tcp_collectives(
+      distributed_client=jax_distributed.global_state.client, hostname="127.0.0.1")
+  registration = xla_bridge._backend_factories["cpu"]  # pylint: disable=protected-access
+  xla_bridge._backend_factories["cpu"] = dataclasses.replace(  # pylint: disable=protected-access
+      registration, factory=functools.partial(xla_bridge.make_cpu_client, collectives=collectives))
 
 
 def create_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
