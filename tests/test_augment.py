@@ -275,9 +275,9 @@ def _jpeg(width, height, quality=90, subsampling=2, photo="china.jpg"):
                                               ((500, 375), 0)])
 def test_the_crop_decoded_from_the_header_is_the_crop_of_the_decoded_image(size, subsampling):
   """The window is sampled from the header's size (no decode) with the sampler and keys of the
-  decoded image, and decode-and-crop gives its pixels exactly (4:2:0 chroma included)."""
+  decoded image, and decode-and-crop gives PIL's pixels of it exactly (4:2:0 chroma included)."""
   encoded, _ = _jpeg(*size, subsampling=subsampling)
-  decoded = tf.io.decode_jpeg(encoded, channels=3)
+  decoded = tf.constant(np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")))
   crop = tf.function(lambda b, k: transforms._crop_window(b, k, True))  # pylint: disable=protected-access
   for seed in range(25):
     key = tf.constant([seed, 5], tf.int64)
@@ -285,6 +285,15 @@ def test_the_crop_decoded_from_the_header_is_the_crop_of_the_decoded_image(size,
         key, decoded.shape[0], decoded.shape[1]))
     np.testing.assert_array_equal(crop(tf.constant(encoded), key).numpy(),
                                   decoded.numpy()[top:top + h, left:left + w], err_msg=str(seed))
+
+
+@pytest.mark.parametrize("quality,subsampling", [(90, 2), (95, 0), (75, 1)])
+def test_jpegs_decode_to_pils_pixels(quality, subsampling):
+  """What timm and torchvision see: PIL's decode (libjpeg's accurate DCT), pixel for pixel."""
+  for photo in ("china.jpg", "flower.jpg"):
+    encoded, _ = _jpeg(320, 214, quality, subsampling, photo)
+    pil = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    np.testing.assert_array_equal(transforms.decode_image(tf.constant(encoded)).numpy(), pil)
 
 
 def test_other_formats_are_decoded_whole_then_cropped_alike():

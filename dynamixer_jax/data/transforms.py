@@ -18,9 +18,19 @@ RRC_SCALE = (0.08, 1.0)  # timm's RandomResizedCrop defaults
 RRC_RATIO = (3 / 4, 4 / 3)
 
 
+# libjpeg's accurate integer DCT, which PIL (and so timm and torchvision) decodes with. TF's
+# default ("", the fast integer DCT) moved 59-69 % of the pixels of china.jpg and flower.jpg by up
+# to 14 levels; with this one the decoded pixels equal PIL's exactly (tested).
+JPEG_DCT = "INTEGER_ACCURATE"
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  """Any JPEG/PNG/GIF/BMP -> uint8 (H, W, 3): grayscale is replicated, alpha dropped."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  """Any JPEG/PNG/GIF/BMP -> uint8 (H, W, 3): grayscale is replicated, alpha dropped; JPEGs
+  decode to PIL's pixels."""
+  image = tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=JPEG_DCT),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 
@@ -92,7 +102,7 @@ def _crop_window(image: tf.Tensor, key: tf.Tensor, encoded: bool) -> tf.Tensor:
     box = tf.stack([top - pad_top, left - pad_left,
                     tf.minimum(h + 1 + pad_top, shape[0] - top + pad_top),
                     tf.minimum(w + 1 + pad_left, shape[1] - left + pad_left)])
-    decoded = tf.image.decode_and_crop_jpeg(image, box, channels=3)
+    decoded = tf.image.decode_and_crop_jpeg(image, box, channels=3, dct_method=JPEG_DCT)
     return decoded[pad_top:pad_top + h, pad_left:pad_left + w]
 
   cropped = tf.cond(tf.io.is_jpeg(image), window, full)
