@@ -33,7 +33,8 @@ def _start_two(workdir, steps, logs, *extra):
   procs = []
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_backend_optimization_level=0")  # as the pytest process (conftest.py)
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(
           [sys.executable, "train.py", f"--config={CONFIG}", f"--workdir={workdir}",
