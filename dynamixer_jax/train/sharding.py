@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -63,11 +64,16 @@ def _bind_gloo_to_loopback() -> None:
   for it, so the CPU backend is registered again with gloo collectives bound to loopback; this
   must happen before the first ``jax.devices()``.
   """
-  from jax._src import distributed as jax_distributed, xla_bridge  # pylint: disable=g-import-not-at-top
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-  collectives = _jax.make_gloo_tcp_collectives(
-      distributed_client=jax_distributed.global_state.client, hostname="127.0.0.1")
-  registration = xla_bridge._backend_factories["cpu"]  # pylint: disable=protected-access
+  try:  # private pieces of jax 0.10 (checked up to 0.10.2); without them, gloo's default bind
+    from jax._src import distributed as jax_distributed, xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=jax_distributed.global_state.client, hostname="127.0.0.1")
+    registration = xla_bridge._backend_factories["cpu"]  # pylint: disable=protected-access
+  except (ImportError, AttributeError, KeyError, TypeError) as e:
+    logging.warning("Could not bind gloo to 127.0.0.1 (%s); it binds what the hostname resolves "
+                    "to.", e)
+    return
   xla_bridge._backend_factories["cpu"] = dataclasses.replace(  # pylint: disable=protected-access
       registration, factory=functools.partial(xla_bridge.make_cpu_client, collectives=collectives))
 
