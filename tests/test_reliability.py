@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE
 from dynamixer_jax.train import checkpointing, loop, preemption
 from test_train import ROOT, tiny_config
 
@@ -27,7 +26,8 @@ CHILD_TIMEOUT_S = 480
 
 def _child_env(**extra):
   # One CPU device in the children: faster to start than the 8 fake devices of the tests.
-  return dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu", **extra)
+  return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",  # conftest.py
+              JAX_PLATFORMS="cpu", **extra)
 
 
 def _start(workdir, *overrides, **env):
