@@ -3,13 +3,7 @@
 import os
 import pathlib
 
-# LLVM at -O0: the suite's many tiny programs compile in about half the time, and it checks logic
-# and numbers, not speed (`pytest -m "not slow"` from a cold cache: 618 s at XLA's default -O3,
-# 394 s at -O0 on a 2-core Xeon). The short train.py and CLI children run at -O0 too; the
-# quickstart, two-process, notebook and benchmark children, which run hundreds of steps or time
-# them, at the default level.
-os.environ.setdefault("XLA_FLAGS",
-                      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

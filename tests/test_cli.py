@@ -23,8 +23,7 @@ TINY = os.path.join(ROOT, "tests", "tiny_mock_config.py")
 
 
 def _child(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",  # conftest.py
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

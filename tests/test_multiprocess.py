@@ -33,8 +33,7 @@ def _start_two(workdir, steps, logs, *extra):
   procs = []
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-               "--xla_backend_optimization_level=0")  # as the pytest process (conftest.py)
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(
           [sys.executable, "train.py", f"--config={CONFIG}", f"--workdir={workdir}",

@@ -26,8 +26,7 @@ CHILD_TIMEOUT_S = 480
 
 def _child_env(**extra):
   # One CPU device in the children: faster to start than the 8 fake devices of the tests.
-  return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",  # conftest.py
-              JAX_PLATFORMS="cpu", **extra)
+  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **extra)
 
 
 def _start(workdir, *overrides, **env):

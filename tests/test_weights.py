@@ -29,8 +29,7 @@ def _torch():
 
 
 def _cli(module, *args, expect=0):
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_backend_optimization_level=0")  # conftest.py
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
   assert result.returncode == expect, result.stderr[-3000:]
