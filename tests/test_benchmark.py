@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE
 from dynamixer_jax.benchmark import timing as benchmark
 
 FIELDS = {
@@ -113,9 +114,11 @@ def test_datasheet_peaks_name_only_known_devices():
 def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   """``--suite --tiny``: every part of the device check, on the CPU, in a child process."""
   path = tmp_path / "suite.json"
+  # FAST_COMPILE: a smoke test of the table, not a timing.
   result = subprocess.run([sys.executable, "-m", "dynamixer_jax.benchmark", "--suite", "--tiny",
                            "--json", str(path)], capture_output=True, text=True, timeout=600,
-                          env=dict(__import__("os").environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+                          env=dict(__import__("os").environ, XLA_FLAGS=FAST_COMPILE,
+                                   JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
   table = json.loads(path.read_text())["table"]
   assert "bf16 matmul peak measured now" in table and "| dynamixer_s (tiny) | train |" in table

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_fixture
+from conftest import FAST_COMPILE, load_fixture
 from dynamixer_jax import cli, convert, evaluate, predict, weights
 from dynamixer_jax.weights import metadata as metadata_lib
 from dynamixer_jax.weights import official
@@ -23,7 +23,7 @@ TINY = os.path.join(ROOT, "tests", "tiny_mock_config.py")
 
 
 def _child(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
+from conftest import FAST_COMPILE
 from dynamixer_jax import recipes
 from dynamixer_jax.train import checkpointing, loop, optim, steps
 
@@ -33,7 +34,7 @@ def _start_two(workdir, steps, logs, *extra):
   procs = []
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(
           [sys.executable, "train.py", f"--config={CONFIG}", f"--workdir={workdir}",

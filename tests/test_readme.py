@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = re.compile(r"python3? (train\.py|-m dynamixer_jax\.[\w.]+)(.*)")
 
@@ -69,7 +71,7 @@ print("parsed", flags.FLAGS["config"].config_filename)
 def test_each_absl_command_parses_its_flags_and_config():
   """train.py and input_tools, each command in its own process (as a user runs it), all at once."""
   import json  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
   modules = {"train.py": "train", "dynamixer_jax.input_tools": "dynamixer_jax.input_tools"}
   commands = [(p, argv) for p, argv in COMMANDS if p in modules]
   assert len({p for p, _ in commands}) == 2

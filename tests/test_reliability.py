@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
 from dynamixer_jax.train import checkpointing, loop, preemption
 from test_train import ROOT, tiny_config
 
@@ -26,7 +27,7 @@ CHILD_TIMEOUT_S = 480
 
 def _child_env(**extra):
   # One CPU device in the children: faster to start than the 8 fake devices of the tests.
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **extra)
+  return dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu", **extra)
 
 
 def _start(workdir, *overrides, **env):

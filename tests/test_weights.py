@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_fixture
+from conftest import FAST_COMPILE, load_fixture
 from dynamixer_jax import evaluate, predict, preprocessing, weights
 from dynamixer_jax.train import steps
 from dynamixer_jax.weights import metadata as metadata_lib
@@ -29,7 +29,7 @@ def _torch():
 
 
 def _cli(module, *args, expect=0):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE, TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
   assert result.returncode == expect, result.stderr[-3000:]
