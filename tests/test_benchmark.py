@@ -31,6 +31,7 @@ def test_light_modules_import_no_tensorflow():
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # 15-35 s of compiles from a cold cache on 2 cores
 def test_tiny_train_run_writes_every_field(tmp_path, capsys):
   path = tmp_path / "bench.json"
   benchmark.main(["--tiny", "--batch", "2", "--mode", "train", "--steps", "2", "--repeats", "1",

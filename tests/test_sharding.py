@@ -66,8 +66,9 @@ def test_training_steps_do_not_depend_on_the_mesh(mesh_axes, single_device):
                jax.device_get(state.opt_state), want_state.opt_state)
 
 
-@pytest.mark.parametrize("mesh_axes,accum", [({"data": 1}, 4), ({"data": 4, "fsdp": 2}, 2)],
-                         ids=["1device_accum4", "data4_fsdp2_accum2"])
+@pytest.mark.parametrize("mesh_axes,accum", [
+    pytest.param({"data": 1}, 4, marks=pytest.mark.slow),  # ~20 s of compiles: the full suite's
+    ({"data": 4, "fsdp": 2}, 2)], ids=["1device_accum4", "data4_fsdp2_accum2"])
 def test_gradient_accumulation_gives_the_full_batch_update(mesh_axes, accum):
   # Without stochastic depth the micro-batches see exactly the full batch's computation.
   config = _config()
@@ -109,6 +110,7 @@ def test_partition_rules_are_config():
   assert got["stem"]["kernel"].spec == P(None, "fsdp")
 
 
+@pytest.mark.slow  # 15-35 s of compiles from a cold cache on 2 cores
 def test_checkpoint_from_eight_devices_restores_on_two_and_one(tmp_path):
   _, state, train_step = _setup({"fsdp": 8})
   state, _ = train_step(state, sharding.to_global(_batch(), sharding.create_mesh({"fsdp": 8})))

@@ -228,6 +228,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert "Examples" in help_out.stdout and f"python -m dynamixer_jax.{module}" in help_out.stdout
 
 
+@pytest.mark.slow  # 15-35 s of compiles from a cold cache on 2 cores
 def test_init_from_with_a_different_class_count(saved_weights, tmp_path, caplog):
   from dynamixer_jax import recipes  # pylint: disable=g-import-not-at-top
   from dynamixer_jax.train import loop  # pylint: disable=g-import-not-at-top
