@@ -67,7 +67,7 @@ def test_training_steps_do_not_depend_on_the_mesh(mesh_axes, single_device):
 
 
 @pytest.mark.parametrize("mesh_axes,accum", [
-    pytest.param({"data": 1}, 4, marks=pytest.mark.slow),  # ~20 s of compiles: the full suite's
+    pytest.param({"data": 1}, 4, marks=pytest.mark.slow),  # ~20 s of compiles: full suite only
     ({"data": 4, "fsdp": 2}, 2)], ids=["1device_accum4", "data4_fsdp2_accum2"])
 def test_gradient_accumulation_gives_the_full_batch_update(mesh_axes, accum):
   # Without stochastic depth the micro-batches see exactly the full batch's computation.
