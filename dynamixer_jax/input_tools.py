@@ -5,11 +5,12 @@ r"""Look at and time the train input pipeline.
       --out=samples.png
 
 ``throughput`` reports host images/s of the tf.data train pipeline (the host's part: decode the
-crop, resize) on this machine's cores, per core, and how many host cores an accelerator needs at
-a few rates. ``--jpegs=N`` times it on a folder of N ImageNet-sized JPEGs made from
-scikit-learn's two photos by random crops and resizes (``--jpeg_dir`` keeps them for another
-run). ``grid`` draws a batch after the device augmentation too (flip, RandAugment, mixup /
-cutmix, random erasing), denormalised. ``--photos`` uses the two photographs themselves (a
+crop, and resize it unless ``data.device_resize_canvas`` leaves that to the device) on this
+machine's cores, per core, and how many host cores an accelerator needs at a few rates.
+``--jpegs=N`` times it on a folder of N ImageNet-sized JPEGs made from scikit-learn's two photos
+by random crops and resizes (``--jpeg_dir`` keeps them for another run). ``grid`` draws a batch
+after the device augmentation too (the crops' resize, flip, RandAugment, mixup / cutmix, random
+erasing), denormalised. ``--photos`` uses the two photographs themselves (a
 generated image folder), so the grid shows real images offline.
 """
 
@@ -101,8 +102,9 @@ def augmented_batch(config, batch_size: int, step: int):
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.augment.chunk_size = min(config.augment.chunk_size, batch_size)
-  images, targets = jax.jit(lambda k, x, y: device.augment_batch(
-      k, x, y, num_classes, config))(key, batch["image"], batch["label"])
+  images, targets = jax.jit(lambda k, b: device.augment_batch(
+      k, device.train_size_images(b, config.data.image_size), b["label"], num_classes,
+      config))(key, batch)
   images = np.asarray(images) * np.array(config.std) * 255 + np.array(config.mean) * 255
   return np.clip(np.round(images), 0, 255).astype(np.uint8), np.asarray(targets)
 
@@ -139,10 +141,13 @@ def main(argv):
       with config.unlocked():
         config.data.mock_num_examples = max(config.data.mock_num_examples, 4 * _BATCH_SIZE.value)
       rate, cores = throughput(config, _BATCH_SIZE.value, _BATCHES.value), host_cores()
+      canvas = config.data.device_resize_canvas if config.data.train_crop == "random_resized" else 0
+      work = (f"decode the crop; resize on the device from a {canvas} px canvas" if canvas
+              else "decode, crop, resize")
       print(f"{config.data.name}{' (mock)' if config.data.mock else ''} at "
-            f"{config.data.image_size} px, train_crop={config.data.train_crop!r} (host: decode "
-            f"the crop, resize): {rate:.0f} host images/s on {cores} cores = "
-            f"{rate / cores:.0f} images/s per host core")
+            f"{config.data.image_size} px, train_crop={config.data.train_crop!r} (host: {work}): "
+            f"{rate:.0f} host images/s on {cores} cores = {rate / cores:.0f} images/s per host "
+            "core")
       print("host cores needed per accelerator at " + ", ".join(
           f"{n} img/s: {n / (rate / cores):.1f}" for n in (1000, 2000, 5000)))
     else:

@@ -31,6 +31,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       image_size=224, train_crop="random_resized", pad=4, shuffle_buffer=10_000,
       mock=False, mock_num_examples=64,
       train_interpolation="bicubic",  # 'random' (bilinear or bicubic per image), 'bicubic', 'bilinear'
+      # Random resized crops of at most this many pixels a side travel on a canvas of this size
+      # and are resized on the device (augment/resize.py: the host only decodes them); larger
+      # ones are resized on the host. 0: every resize on the host. 512 holds every crop of a
+      # photo of up to 512 px (most of ImageNet) at 786 KB per image instead of 150 KB at 224.
+      device_resize_canvas=512,
       # Evaluation: 'center' resizes the shorter side to eval_resize, then center-crops
       # image_size (torchvision's Resize + CenterCrop); 'resize' squashes to image_size.
       eval_resize=248, eval_crop="center", eval_interpolation="bicubic"))
@@ -82,6 +87,10 @@ def validate_data(data: ml_collections.ConfigDict, prefix: str = "data") -> None
   if not (is_int(data.eval_resize) and data.eval_resize >= data.image_size):
     fail(f"{prefix}.eval_resize", data.eval_resize,
          f"use an integer >= data.image_size={data.image_size} (the eval center crop)")
+  canvas = data.device_resize_canvas
+  if not (is_int(canvas) and (canvas == 0 or canvas >= data.image_size)):
+    fail(f"{prefix}.device_resize_canvas", canvas, f"use 0 (resize on the host) or an integer >= "
+         f"data.image_size={data.image_size} (the largest crop side resized on the device)")
   check_choice(data.train_crop, f"{prefix}.train_crop", TRAIN_CROPS)
   check_choice(data.train_interpolation, f"{prefix}.train_interpolation", INTERPOLATIONS)
   check_choice(data.eval_crop, f"{prefix}.eval_crop", EVAL_CROPS)

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from dynamixer_jax import preprocessing
-from dynamixer_jax.augment import device, mixing
+from dynamixer_jax.augment import device, mixing, resize
 from dynamixer_jax.data import pipeline, sources, transforms
 from dynamixer_jax.train import configlib
 
@@ -150,20 +150,26 @@ def _device_config(**augment):
 
 @functools.cache
 def _augment_on(num_devices: int, batching: str):
-  """Flip, RandAugment, mixup/cutmix and erasing of one global batch of photo crops."""
-  photo = np.asarray(Image.fromarray(load_sample_image("china.jpg")).resize((48, 32)))
-  images = jnp.asarray(np.stack([np.roll(photo, 3 * i, axis=1) for i in range(16)]))
-  labels = jnp.arange(16) % 10
+  """The crops' resize from a canvas, flip, RandAugment, mixup/cutmix and erasing of one global
+  batch of photo crops."""
+  photo = np.asarray(Image.fromarray(load_sample_image("china.jpg")).resize((64, 48)))
+  canvases, sizes = np.zeros((16, 64, 64, 3), np.uint8), []
+  for i, canvas in enumerate(canvases):
+    h, w = 24 + 2 * i % 24, 20 + 2 * i  # shrunk, kept and enlarged to 32
+    canvas[:h, :w] = np.roll(photo, 3 * i, axis=1)[:h, :w]
+    sizes.append((h, w))
+  batch = {"image": canvases, "crop_size": np.array(sizes, np.int32),
+           "bicubic": np.arange(16) % 3 == 0, "label": np.arange(16) % 10}
   config = _device_config(randaugment="rand-m9-mstd0.5-inc1", randaugment_batching=batching)
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
-  sharding = NamedSharding(mesh, P("data"))
-  x, y = jax.device_put(images, sharding), jax.device_put(labels, sharding)
-  fn = jax.jit(lambda k, x, y: device.augment_batch(k, x, y, 10, config, mesh))
+  batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  fn = jax.jit(lambda k, b: device.augment_batch(
+      k, device.train_size_images(b, 32), b["label"], 10, config, mesh))
   key = jax.random.PRNGKey(3)
   # XLA's default optimisation level, what users run: the suite compiles at -O0 (conftest.py),
   # where 0.4 % of the values differ between the two meshes.
-  compiled = fn.lower(key, x, y).compile(compiler_options={"xla_backend_optimization_level": 3})
-  return jax.device_get(compiled(key, x, y))
+  compiled = fn.lower(key, batch).compile(compiler_options={"xla_backend_optimization_level": 3})
+  return jax.device_get(compiled(key, batch))
 
 
 def test_device_augmentation_is_the_same_on_1_and_8_devices():
@@ -200,7 +206,7 @@ def test_chunk_size_that_does_not_divide_the_batch_is_refused():
 def _data(**overrides):
   data = preprocessing.default_data_config()
   data.update(dict(name="imagenet2012", mock=True, mock_num_examples=16, image_size=32,
-                   eval_resize=36, train_interpolation="random"))
+                   eval_resize=36, train_interpolation="random", device_resize_canvas=0))
   data.update(overrides)
   return data
 
@@ -209,7 +215,7 @@ def test_same_seed_epoch_and_index_give_the_same_image():
   data = _data()
   image = tf.constant(smooth_image(48, 64))
   make = lambda seed, epoch, index: transforms.preprocess_train(
-      image, pipeline.example_key(seed, epoch, index), data).numpy()
+      image, pipeline.example_key(seed, epoch, index), data)["image"].numpy()
   first = make(0, 1, 5)
   assert first.shape == (32, 32, 3) and first.dtype == np.uint8
   np.testing.assert_array_equal(first, make(0, 1, 5))
@@ -266,6 +272,52 @@ def test_train_step_with_the_official_augmentation_gives_finite_loss():
   config.augment.chunk_size = 3
   with pytest.raises(ValueError, match="augment.chunk_size"):
     configlib.validate(config)
+
+
+@pytest.mark.parametrize("bicubic", [False, True])
+def test_the_devices_resize_of_a_crop_on_a_canvas_is_the_hosts_resize(bicubic):
+  """augment.resize: TensorFlow's antialiased resize, computed from the traced crop size on a
+  zero-padded canvas; shrinking, enlarging, non-square, and the train size itself (exactly)."""
+  photo = load_sample_image("china.jpg")
+  photo = np.concatenate([photo, photo[::-1]])[:512]  # 512 x 640: crops up to the canvas
+  sizes = [(224, 224), (100, 150), (427, 512), (300, 61), (47, 333), (512, 400)]
+  canvases = np.zeros((len(sizes), 512, 512, 3), np.uint8)
+  for canvas, (h, w) in zip(canvases, sizes):
+    canvas[:h, :w] = photo[:h, :w]
+  out = np.asarray(jax.jit(lambda x, s, c: resize.resize_crops(x, s, c, 224))(
+      canvases, np.array(sizes, np.int32), np.full(len(sizes), bicubic)))
+  method = "bicubic" if bicubic else "bilinear"
+  for got, (h, w) in zip(out, sizes):
+    host = transforms.resize(tf.constant(photo[:h, :w]), 224, 224, method).numpy()
+    differ = np.abs(got.astype(int) - host.astype(int))
+    assert differ.max() <= 1 and (differ > 0).mean() < 1e-3, ((h, w), differ.max())
+  np.testing.assert_array_equal(out[0], photo[:224, :224])  # a crop at the train size: unchanged
+
+
+def test_canvas_batches_resized_on_the_device_equal_the_host_resized_batches(tmp_path):
+  """The same crops and interpolations either way, with data.device_resize_canvas: crops that fit
+  the canvas are resized on the device, larger ones on the host; within 1 level of the
+  host-resized batch of the same seed, on ImageNet-sized JPEGs."""
+  from dynamixer_jax import input_tools  # pylint: disable=g-import-not-at-top
+  root = input_tools.jpeg_folder(str(tmp_path / "jpegs"), 16)
+  data = _data(name="folder", data_dir=root, mock=False, device_resize_canvas=400)
+  on_canvas = next(pipeline.train_batches(data, batch_size=16, seed=1))
+  on_host = next(pipeline.train_batches(_data(name="folder", data_dir=root, mock=False),
+                                        batch_size=16, seed=1))
+  assert on_canvas["image"].shape == (16, 400, 400, 3)
+  np.testing.assert_array_equal(on_canvas["label"], on_host["label"])
+  resized_here = (on_canvas["crop_size"] == 32).all(axis=1)  # crops larger than the canvas
+  assert 0 < resized_here.sum() < 16 and 0 < on_canvas["bicubic"].sum() < 16
+  images = np.asarray(jax.jit(lambda b: device.train_size_images(b, 32))(on_canvas))
+  differ = np.abs(images.astype(int) - on_host["image"].astype(int))
+  assert differ.max() <= 1 and (differ > 0).mean() < 0.01, differ.max()
+  np.testing.assert_array_equal(images[resized_here], on_host["image"][resized_here])
+
+
+def test_a_bad_device_resize_canvas_is_refused_with_the_field_name():
+  with pytest.raises(ValueError, match=r"data.device_resize_canvas=100 is invalid: use 0 .* >= "
+                                       r"data.image_size=224"):
+    sources.dataset_info(_data(image_size=224, eval_resize=248, device_resize_canvas=100))
 
 
 def _jpeg(width, height, quality=90, subsampling=2, photo="china.jpg"):

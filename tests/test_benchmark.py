@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE
@@ -48,6 +49,23 @@ def test_tiny_train_run_writes_every_field(tmp_path, capsys):
   assert "cores" in result["cpu"]
   out = capsys.readouterr().out
   assert "MFU             n/a" in out and "images/s" in out
+
+
+def test_the_device_augmentation_alone_is_timed_from_canvases(tmp_path):
+  """--mode augment: the crops' resize from the canvas (512 px at 224, scaled: 73 at 32) and the
+  rest of the device augmentation, without the model (no model FLOPs, no MFU)."""
+  path = tmp_path / "augment.json"
+  benchmark.main(["--tiny", "--batch", "4", "--mode", "augment", "--steps", "1", "--repeats", "1",
+                  "--warmup", "0", "--json", str(path)])
+  result = json.loads(path.read_text())
+  assert result["mode"] == "augment" and result["images_per_s"] > 0
+  assert result["achieved_tflops"] is None and result["mfu"] is None
+  args = benchmark.build_parser().parse_args(["--tiny", "--batch", "4", "--mode", "augment"])
+  config, num_classes = benchmark.make_config(args, benchmark.model_overrides(args))
+  batch = benchmark._synthetic_batch(config, args, 32, num_classes, np.random.default_rng(0))  # pylint: disable=protected-access
+  assert batch["image"].shape == (4, 73, 73, 3) and batch["crop_size"].max() <= 73
+  with pytest.raises(ValueError, match="--mode augment"):
+    benchmark.main(["--tiny", "--mode", "augment", "--no_device_augment"])
 
 
 def test_tiny_infer_with_peak_and_overrides(tmp_path):

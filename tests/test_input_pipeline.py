@@ -25,13 +25,16 @@ FOLDER_CLASSES = ("ant", "bee", "cat")
 SOURCES = {
     "digits": (dict(name="digits", image_size=16, eval_resize=16, train_crop="resize_pad_crop",
                     pad=2), 128, 21),
-    "folder": (dict(name="folder", image_size=16, eval_resize=18), 4, 7),
+    # The random resized crops of 'folder' and 'tfds_files' travel on a canvas for the device to
+    # resize (the folder's larger crops are resized on the host); mock_imagenet's are resized on
+    # the host.
+    "folder": (dict(name="folder", image_size=16, eval_resize=18, device_resize_canvas=20), 4, 7),
     "mock_cifar10": (dict(name="cifar10", mock=True, mock_num_examples=24, image_size=32,
                           eval_resize=32, train_crop="resize_pad_crop"), 8, 5),
     "mock_imagenet": (dict(name="imagenet2012", mock=True, mock_num_examples=16, image_size=24,
-                           eval_resize=28), 4, 7),
+                           eval_resize=28, device_resize_canvas=0), 4, 7),
     "tfds_files": (dict(name="pipeline_test_images", eval_split="test", image_size=16,
-                        eval_resize=16, shuffle_buffer=16), 8, 9),
+                        eval_resize=16, shuffle_buffer=16, device_resize_canvas=20), 8, 9),
 }
 
 
@@ -105,22 +108,37 @@ def train(data, steps, **kwargs):
 def assert_same_batches(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
+    assert x.keys() == y.keys()
+    for key in x:  # image, label, and a canvas's crop_size and bicubic
+      np.testing.assert_array_equal(x[key], y[key])
 
 
 def identify(images):
-  """Index into COLORS of each solid image (the nearest colour: JPEG moves pixels a little)."""
-  centre = images[:, images.shape[1] // 2, images.shape[2] // 2].astype(int)
-  return [int(np.abs(np.array(COLORS) - c).sum(1).argmin()) for c in centre]
+  """Index into COLORS of each solid image (the nearest colour: JPEG moves pixels a little), read
+  at the top left: a crop on a canvas starts there."""
+  corner = images[:, 0, 0].astype(int)
+  return [int(np.abs(np.array(COLORS) - c).sum(1).argmin()) for c in corner]
+
+
+def train_side(data):
+  """The side of the train batch's images: the canvas or the train size."""
+  on_canvas = data.train_crop == "random_resized" and data.device_resize_canvas
+  return data.device_resize_canvas if on_canvas else data.image_size
 
 
 def test_train_batches_shapes_dtypes_and_labels(source):
   data, batch_size, _ = source
   num_classes = sources.dataset_info(data).num_classes
   for batch in train(data, 3, batch_size=batch_size, seed=0):
-    assert batch["image"].shape == (batch_size, data.image_size, data.image_size, 3)
+    side = train_side(data)
+    assert batch["image"].shape == (batch_size, side, side, 3)
     assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
+    if side != data.image_size:  # the crops' sizes, within the canvas, for the device's resize
+      assert batch["crop_size"].shape == (batch_size, 2) and batch["crop_size"].dtype == np.int32
+      assert 0 < batch["crop_size"].min() and batch["crop_size"].max() <= side
+      assert batch["bicubic"].shape == (batch_size,) and batch["bicubic"].dtype == bool
+      for image, (h, w) in zip(batch["image"], batch["crop_size"]):  # padded with zeros
+        assert not image[h:].any() and not image[:, w:].any()
     assert batch["label"].shape == (batch_size,)
     assert 0 <= batch["label"].min() and batch["label"].max() < num_classes
 

@@ -162,17 +162,21 @@ def _assert_same_state(a, b):
 
 
 def _augmented_config():
-  """The tiny config with the whole device augmentation of the ImageNet recipe."""
+  """The tiny config with the whole device augmentation of the ImageNet recipe, the crops'
+  resize from a canvas included."""
   config = tiny_config()
   config.augment.update(dict(hflip=True, randaugment="rand-m9-mstd0.5-inc1", mixup_alpha=0.8,
                              cutmix_alpha=1.0, chunk_size=8, erase_prob=0.25))
+  config.data.update(dict(train_crop="random_resized", device_resize_canvas=32,
+                          train_interpolation="random"))
   return config
 
 
 @pytest.mark.slow  # several runs of one workdir: the inner loop leaves it to the full suite
 def test_stop_and_resume_equals_an_uninterrupted_run_on_mock_data(tmp_path):
-  """With flip, RandAugment, mixup/cutmix and erasing on the device: a resumed run sees the same
-  augmented images, so it ends with exactly the parameters of an uninterrupted one."""
+  """With the crops' resize, flip, RandAugment, mixup/cutmix and erasing on the device: a resumed
+  run sees the same augmented images, so it ends with exactly the parameters of an uninterrupted
+  one."""
   whole = _run(_augmented_config(), tmp_path / "whole", 6)
   _run(_augmented_config(), tmp_path / "split", 3)
   assert os.path.isdir(tmp_path / "split" / "checkpoints" / "3")

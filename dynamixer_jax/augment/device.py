@@ -1,6 +1,7 @@
 """The per-image and batch augmentation of a train step, on the device, in timm's order.
 
-The host ships the crop, resized to the train size, as uint8; inside the jitted step each image is
+The host ships the crop as uint8, resized to the train size or on a canvas for
+``train_size_images`` to resize (``augment.resize``); inside the jitted step each image is then
 flipped (p 0.5) and RandAugmented on its uint8 pixels, the batch is mixed (mixup / cutmix per
 chunk, on pixel values, rounded as timm's uint8 collate), normalised, and randomly erased.
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dynamixer_jax.augment import mixing, randaugment
+from dynamixer_jax.augment import mixing, randaugment, resize
 
 BATCHINGS = ("auto",) + randaugment.BATCHING  # config.augment.randaugment_batching
 
@@ -69,6 +70,15 @@ def rand_augment(keys: jax.Array, images: jax.Array, policy: randaugment.RandAug
 def interpolation_of(train_interpolation: str) -> str:
   """RandAugment's resampler follows the train interpolation, as timm passes it on."""
   return train_interpolation if train_interpolation in randaugment.INTERPOLATIONS else "random"
+
+
+def train_size_images(batch: dict[str, jax.Array], size: int) -> jax.Array:
+  """The batch's uint8 images at the train size: crops the host shipped on a canvas (with
+  'crop_size' and 'bicubic', ``data.device_resize_canvas``) are resized here, the rest are
+  already at it."""
+  if "crop_size" not in batch:
+    return batch["image"]
+  return resize.resize_crops(batch["image"], batch["crop_size"], batch["bicubic"], size)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from dynamixer_jax import cli
+from dynamixer_jax.augment import device
 from dynamixer_jax.benchmark import flops, hardware
 from dynamixer_jax.train import configlib, optim, sharding, steps
 
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "/path/to/DynaMixer --torch_compile"])
   cli.add(p, "model", default="dynamixer_s")
   cli.add(p, "batch", type=cli.positive_int, default=8)
-  cli.add(p, "mode", choices=("train", "infer"), default="train")
+  cli.add(p, "mode", choices=("train", "infer", "augment"), default="train",
+          help="the train step, the inference forward, or the train step's device augmentation "
+               "alone (the crops' resize, flip, RandAugment, mixup/cutmix, erasing)")
   cli.add(p, "dtype", choices=("float32", "bfloat16"), default="float32")
   cli.add(p, "steps", type=cli.positive_int, default=5, help="timed steps per repeat")
   cli.add(p, "repeats", type=cli.positive_int, default=3)
@@ -58,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="a model argument, e.g. --override image_size=32 (repeatable)")
   cli.add(p, "tiny", action="store_true", help=f"apply {TINY_OVERRIDES}")
   cli.add(p, "no_device_augment", action="store_true",
-          help="train without the device augmentation (flip, RandAugment, mixup/cutmix, "
-               "erasing), to time what it costs")
+          help="train without the device augmentation (the crop's resize, flip, RandAugment, "
+               "mixup/cutmix, erasing), to time what it costs")
   cli.add(p, "grad_accum_steps", type=cli.positive_int, default=1,
           help="train as this many micro-batches per step (config.grad_accum_steps)")
   cli.add(p, "mesh", default="", metavar="AXIS=SIZE,...",
@@ -171,8 +174,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
   model = steps.build_model(config, num_classes)
   size = model.image_size
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch, size, size, 3), np.uint8)),
-           "label": jnp.asarray(rng.integers(0, num_classes, (args.batch,), np.int32))}
+  batch = _synthetic_batch(config, args, size, num_classes, rng)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=1000)
   state = steps.create_train_state(model, tx, size, jax.random.PRNGKey(config.seed),
                                    use_ema=config.ema_decay > 0)
@@ -186,6 +188,22 @@ def _setup(args: argparse.Namespace) -> _Setup:
     setup.state = jax.device_put(state, setup.state_sharding)
     setup.batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   return setup
+
+
+def _synthetic_batch(config, args: argparse.Namespace, size: int, num_classes: int,
+                     rng: np.random.Generator) -> dict[str, jax.Array]:
+  """What the host pipeline ships: uint8 images and labels; with the device augmentation, train
+  crops on the config's canvas (``data.device_resize_canvas``, scaled to the model's image
+  size: 512 at 224 px) with their sizes, so that the step includes their resize."""
+  canvas = round(config.data.device_resize_canvas * size / config.data.image_size)
+  labels = jnp.asarray(rng.integers(0, num_classes, (args.batch,), np.int32))
+  if args.mode == "infer" or args.no_device_augment or not canvas:
+    return {"image": jnp.asarray(rng.integers(0, 256, (args.batch, size, size, 3), np.uint8)),
+            "label": labels}
+  config.data.image_size = size  # the resize's output size
+  return {"image": jnp.asarray(rng.integers(0, 256, (args.batch, canvas, canvas, 3), np.uint8)),
+          "crop_size": jnp.asarray(rng.integers(size // 2, canvas + 1, (args.batch, 2), np.int32)),
+          "bicubic": jnp.asarray(rng.random(args.batch) < 0.5), "label": labels}
 
 
 def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any], Any, float]:
@@ -202,6 +220,12 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
     def run():
       holder[0], metrics = compiled(holder[0], setup.batch)
       return metrics
+  elif args.mode == "augment":
+    key, config = jax.random.PRNGKey(0), setup.config
+    compiled = jax.jit(lambda k, b: device.augment_batch(
+        k, device.train_size_images(b, config.data.image_size), b["label"], setup.num_classes,
+        config, setup.mesh)).lower(key, setup.batch).compile()
+    run = lambda: compiled(key, setup.batch)
   else:
     def forward(params, images):
       images = steps.normalize(images, setup.config.mean, setup.config.std)
@@ -231,7 +255,8 @@ def benchmark_jax(args: argparse.Namespace,
   device = jax.devices()[0]
   fwd_flops = flops.forward_flops(setup.model)
   images_per_s = statistics.median(round_rates)
-  achieved = (3 if args.mode == "train" else 1) * fwd_flops * images_per_s
+  # The model's FLOPs: none in the augmentation alone.
+  achieved = {"train": 3, "infer": 1}.get(args.mode, 0) * fwd_flops * images_per_s
   peak, peak_source = args.peak_tflops, "--peak_tflops"
   if peak is None:
     peak = hardware.datasheet_peak_tflops(device.device_kind)
@@ -248,9 +273,9 @@ def benchmark_jax(args: argparse.Namespace,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
-      forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12, peak_tflops=peak,
-      peak_source=peak_source if peak else None, cpu=hardware.cpu_description(),
-      mfu=achieved / (peak * 1e12) if peak else None,
+      forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12 if achieved else None,
+      peak_tflops=peak, peak_source=peak_source if peak else None,
+      cpu=hardware.cpu_description(), mfu=achieved / (peak * 1e12) if peak and achieved else None,
       backend=jax.default_backend(), device=str(device.device_kind),
       device_count=jax.device_count(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
       flax_version=flax.__version__, optax_version=optax.__version__,
@@ -292,7 +317,8 @@ def report(result: dict[str, Any]) -> str:
       f"  peak memory     {_fmt(gib(result['peak_memory_bytes']), '.2f', ' GiB')}",
       f"  XLA temp memory {_fmt(gib(result['xla_temp_bytes']), '.2f', ' GiB')}",
       f"  forward FLOPs   {result['forward_flops_per_image'] / 1e9:.3f} GFLOP/image",
-      f"  achieved        {result['achieved_tflops'] * 1e3:.1f} GFLOP/s",
+      f"  achieved        "
+      f"{_fmt(result['achieved_tflops'] and result['achieved_tflops'] * 1e3, '.1f', ' GFLOP/s')}",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
       + (f" of {result['peak_tflops']} TFLOP/s ({result['peak_source']})"
          if result["peak_tflops"] else " (no peak: pass --peak_tflops)"),
@@ -318,6 +344,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.torch_reference and (args.tiny or args.override):
     raise ValueError("--torch_reference runs the official model as registered; drop --tiny and "
                      "--override.")
+  if args.mode == "augment" and (args.torch_reference or args.no_device_augment):
+    raise ValueError("--mode augment times our device augmentation alone: drop "
+                     "--torch_reference and --no_device_augment.")
   result = measure(args)
   print(report(result))
   if args.json:

@@ -1,5 +1,6 @@
 """Per-example transforms of the host pipeline, in TensorFlow: decode (only the crop, for
-JPEGs), crop, resize. Everything else per image runs on the device (``augment.device``).
+JPEGs), crop, resize (the train crop's resize may move to the device: ``crop_for_the_device``).
+Everything else per image runs on the device (``augment.device``).
 
 Each follows what the official code runs (timm 0.4.12 and torchvision on PIL images). Every random
 draw comes from a per-example stateless key, so an image depends only on (seed, epoch, example
@@ -35,16 +36,23 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def is_bicubic(method: str, key: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Whether a train image is resized bicubic: method 'random' draws it from ``key`` (timm's
+  random train interpolation: bilinear or bicubic, even odds)."""
+  if method == "random":
+    return tf.random.stateless_uniform([], key) < 0.5
+  return tf.constant(method == "bicubic")
+
+
 def resize(image: tf.Tensor, height, width, method: str = "bicubic",
            key: Optional[tf.Tensor] = None) -> tf.Tensor:
   """Antialiased resize (like PIL) rounded back to uint8; method 'random' picks bilinear or
-  bicubic from ``key``, as timm's random train interpolation does."""
+  bicubic from ``key`` (``is_bicubic``)."""
   def run(name):
     out = tf.image.resize(image, tf.stack([height, width]), method=name, antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
   if method == "random":
-    bicubic = tf.random.stateless_uniform([], key) < 0.5
-    return tf.cond(bicubic, lambda: run("bicubic"), lambda: run("bilinear"))
+    return tf.cond(is_bicubic(method, key), lambda: run("bicubic"), lambda: run("bilinear"))
   return run(method)
 
 
@@ -110,23 +118,42 @@ def _crop_window(image: tf.Tensor, key: tf.Tensor, encoded: bool) -> tf.Tensor:
   return cropped
 
 
+def crop_for_the_device(crop: tf.Tensor, size: int, canvas: int, method: str,
+                        key: tf.Tensor) -> dict[str, tf.Tensor]:
+  """A crop whose sides fit ``canvas`` is shipped as it is, with its size and interpolation, and
+  resized on the device (``augment.resize``; the batch pads it to the canvas). A larger one is
+  resized here, as without a canvas, and travels as a crop of the train size (which the device's
+  resize leaves unchanged, exactly)."""
+  shape = tf.shape(crop)
+  fits = (shape[0] <= canvas) & (shape[1] <= canvas)
+  image = tf.cond(fits, lambda: crop, lambda: resize(crop, size, size, method, key))
+  return {"image": image, "crop_size": tf.where(fits, shape[:2], tf.constant([size, size])),
+          "bicubic": is_bicubic(method, key)}
+
+
 def preprocess_train(image: tf.Tensor, key: tf.Tensor, data: ml_collections.ConfigDict,
-                     encoded: bool = False) -> tf.Tensor:
-  """The host's part of a train image: the random crop, resized to the train size, as uint8.
+                     encoded: bool = False) -> dict[str, tf.Tensor]:
+  """The host's part of a train image: the random crop, as uint8, resized to the train size
+  here or (``data.device_resize_canvas``) on the device.
 
   ``image`` is uint8 (H, W, 3), or encoded bytes when ``encoded``. ``key`` is a stateless seed
-  (int64, shape [2]) unique to (seed, epoch, example); all randomness comes from it. Flip,
-  RandAugment and the rest run on the device (``augment.device``).
+  (int64, shape [2]) unique to (seed, epoch, example); all randomness comes from it. Returns
+  {'image'}: the crop at the train size, or with a canvas {'image': the crop, 'crop_size',
+  'bicubic'} for ``augment.resize``. Flip, RandAugment and the rest run on the device
+  (``augment.device``).
   """
   crop_key, interp_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   size, method = data.image_size, data.train_interpolation
   if data.train_crop == "random_resized":
-    image = resize(_crop_window(image, crop_key, encoded), size, size, method, interp_key)
+    crop = _crop_window(image, crop_key, encoded)
+    if data.device_resize_canvas:
+      return crop_for_the_device(crop, size, data.device_resize_canvas, method, interp_key)
+    image = resize(crop, size, size, method, interp_key)
   else:  # the official CIFAR transfer recipe: Resize(size), RandomCrop(size, padding=pad)
     image = resize(decode_image(image) if encoded else image, size, size, method, interp_key)
     image = tf.pad(image, [[data.pad, data.pad], [data.pad, data.pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
-  return tf.ensure_shape(image, [size, size, 3])
+  return {"image": tf.ensure_shape(image, [size, size, 3])}
 
 
 def eval_geometry(height, width, prep: preprocessing.EvalPreprocessing):

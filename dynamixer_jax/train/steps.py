@@ -94,12 +94,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(train_key, state.step)
-    # Flip, RandAugment, mixup / cutmix, normalisation, random erasing: timm's order, on the
-    # whole global batch (so accumulation does not change the augmentation); smoothing is folded
-    # into the soft targets.
+    # The crop's resize (when the host shipped it on a canvas), flip, RandAugment, mixup /
+    # cutmix, normalisation, random erasing: timm's order, on the whole global batch (so
+    # accumulation does not change the augmentation); smoothing is folded into the soft targets.
     images, targets = device.augment_batch(
-        jax.random.fold_in(augment_key, state.step), batch["image"], batch["label"],
-        num_classes, config, mesh)
+        jax.random.fold_in(augment_key, state.step),
+        device.train_size_images(batch, config.data.image_size), batch["label"], num_classes,
+        config, mesh)
 
     if accum > 1:
       (loss, logits), grads = accumulated(state.params, images, targets, key)
