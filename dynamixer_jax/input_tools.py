@@ -22,6 +22,8 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
+from dynamixer_jax import preprocessing
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 20, "throughput: batches to time (after 2 warm-up).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Host batch (the config's is for a pod).")
@@ -141,7 +143,7 @@ def main(argv):
       with config.unlocked():
         config.data.mock_num_examples = max(config.data.mock_num_examples, 4 * _BATCH_SIZE.value)
       rate, cores = throughput(config, _BATCH_SIZE.value, _BATCHES.value), host_cores()
-      canvas = config.data.device_resize_canvas if config.data.train_crop == "random_resized" else 0
+      canvas = preprocessing.train_canvas(config.data)
       work = (f"decode the crop; resize on the device from a {canvas} px canvas" if canvas
               else "decode, crop, resize")
       print(f"{config.data.name}{' (mock)' if config.data.mock else ''} at "

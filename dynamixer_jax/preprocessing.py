@@ -41,6 +41,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       eval_resize=248, eval_crop="center", eval_interpolation="bicubic"))
 
 
+def train_canvas(data: ml_collections.ConfigDict) -> int:
+  """The canvas side train crops travel on, to be resized on the device; 0 when the host resizes
+  them (no canvas, or a train crop other than random resized)."""
+  return data.device_resize_canvas if data.train_crop == "random_resized" else 0
+
+
 # --- Checks ----------------------------------------------------------------------------------------
 # The rules the whole config validator (train/configlib.py) is built from; the data part lives here
 # so that the pipeline can check a data config without importing the trainer.

@@ -122,8 +122,7 @@ def identify(images):
 
 def train_side(data):
   """The side of the train batch's images: the canvas or the train size."""
-  on_canvas = data.train_crop == "random_resized" and data.device_resize_canvas
-  return data.device_resize_canvas if on_canvas else data.image_size
+  return preprocessing.train_canvas(data) or data.image_size
 
 
 def test_train_batches_shapes_dtypes_and_labels(source):

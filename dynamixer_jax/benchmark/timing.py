@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynamixer_jax import cli
+from dynamixer_jax import cli, preprocessing
 from dynamixer_jax.augment import device
 from dynamixer_jax.benchmark import flops, hardware
 from dynamixer_jax.train import configlib, optim, sharding, steps
@@ -195,7 +195,7 @@ def _synthetic_batch(config, args: argparse.Namespace, size: int, num_classes: i
   """What the host pipeline ships: uint8 images and labels; with the device augmentation, train
   crops on the config's canvas (``data.device_resize_canvas``, scaled to the model's image
   size: 512 at 224 px) with their sizes, so that the step includes their resize."""
-  canvas = round(config.data.device_resize_canvas * size / config.data.image_size)
+  canvas = round(preprocessing.train_canvas(config.data) * size / config.data.image_size)
   labels = jnp.asarray(rng.integers(0, num_classes, (args.batch,), np.int32))
   if args.mode == "infer" or args.no_device_augment or not canvas:
     return {"image": jnp.asarray(rng.integers(0, 256, (args.batch, size, size, 3), np.uint8)),

@@ -47,11 +47,6 @@ def _batched(ds: tf.data.Dataset, batch_size: int, canvas: int = 0) -> Iterator[
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()).as_numpy_iterator()
 
 
-def _train_canvas(data: ml_collections.ConfigDict) -> int:
-  """The canvas train crops travel on to be resized on the device; 0 when the host resizes."""
-  return data.device_resize_canvas if data.train_crop == "random_resized" else 0
-
-
 def example_key(seed: int, epoch, index) -> tf.Tensor:
   """The stateless seed of one example's augmentation in one epoch."""
   key = tf.constant([seed, 0], tf.int64)
@@ -150,7 +145,7 @@ def _in_memory_train(data: ml_collections.ConfigDict, examples: sources.Examples
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(_no_autograph(order.epoch_dataset))
   ds = ds.skip(skip * order.batch_size)
   ds = ds.map(_no_autograph(example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _batched(ds, order.batch_size, _train_canvas(data))
+  return _batched(ds, order.batch_size, preprocessing.train_canvas(data))
 
 
 def _streamed_train(data, batch_size, seed, start_step, process_index,
@@ -179,7 +174,7 @@ def _streamed_train(data, batch_size, seed, start_step, process_index,
     ds = ds.enumerate().skip(skip * batch_size)  # Skip before decoding: resuming is cheap.
     ds = ds.map(_no_autograph(functools.partial(example, epoch)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batched(ds, batch_size, _train_canvas(data))
+    return _batched(ds, batch_size, preprocessing.train_canvas(data))
 
   start_epoch, skip = divmod(start_step, steps_per_epoch)
   return itertools.chain(epoch_batches(start_epoch, skip), itertools.chain.from_iterable(

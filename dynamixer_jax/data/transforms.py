@@ -143,11 +143,11 @@ def preprocess_train(image: tf.Tensor, key: tf.Tensor, data: ml_collections.Conf
   (``augment.device``).
   """
   crop_key, interp_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  size, method = data.image_size, data.train_interpolation
+  size, method, canvas = data.image_size, data.train_interpolation, preprocessing.train_canvas(data)
   if data.train_crop == "random_resized":
     crop = _crop_window(image, crop_key, encoded)
-    if data.device_resize_canvas:
-      return crop_for_the_device(crop, size, data.device_resize_canvas, method, interp_key)
+    if canvas:
+      return crop_for_the_device(crop, size, canvas, method, interp_key)
     image = resize(crop, size, size, method, interp_key)
   else:  # the official CIFAR transfer recipe: Resize(size), RandomCrop(size, padding=pad)
     image = resize(decode_image(image) if encoded else image, size, size, method, interp_key)
