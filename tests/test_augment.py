@@ -388,7 +388,8 @@ def test_input_tools_throughput_and_grid_run(tmp_path):
   """The README's input_tools commands, small: the JPEG folder, the figures, the grid."""
   import subprocess, sys, os  # pylint: disable=g-import-not-at-top,multiple-imports
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  from conftest import FAST_COMPILE  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")  # no step is timed here
   run = lambda *args: subprocess.run(
       [sys.executable, "-m", "dynamixer_jax.input_tools", *args], cwd=root, env=env,
       capture_output=True, text=True, timeout=300)

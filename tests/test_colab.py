@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,7 +20,7 @@ def test_cifar_finetune_notebook_runs_and_shows_its_plots(tmp_path):
   subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(tmp_path / "k"),
                   "--name", "python3"], check=True, capture_output=True, timeout=120)
   env = dict(os.environ, JUPYTER_PATH=str(tmp_path / "k" / "share" / "jupyter"),
-             PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+             PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")  # 4 smoke steps
   executed = tmp_path / "out.ipynb"
   result = subprocess.run([sys.executable, "-m", "papermill", "cifar_finetune.ipynb",
                            str(executed), "-p", "smoke", "True", "-k", "python3",

@@ -98,6 +98,7 @@ def test_two_processes_train_like_one_and_a_sigterm_to_one_stops_both(tmp_path):
   config = recipes.load(CONFIG)
   config.num_train_steps = saved[0]
   config.mesh = {"data": 4}
+  config.checkpoint_every_steps = config.eval_every_epochs = 1000  # as the two: only the last save
   loop.train_and_evaluate(config, str(tmp_path / "single"), handle_signals=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                _params(tmp_path / "multi", saved[0]), _params(tmp_path / "single", saved[0]))

@@ -11,14 +11,18 @@ from dynamixer_jax.train import checkpointing, configlib, optim, sharding, steps
 MIN_SIZE = 256  # small enough that the tiny model's matrices are split
 
 
-def _config():
+def _config(mixing: bool = True):
+  """The tiny model's config. RandAugment is off: test_augment.py tests the whole device
+  augmentation on 1 and 8 devices, and here it would only add its compile to each step. Mixup,
+  cutmix and erasing stay where the batch's split matters (gradient accumulation); the meshes'
+  steps go without them (``mixing=False``: 6 s instead of 14 s of compile per mesh)."""
   config = configlib.base_config()
   config.model = dict(name="dynamixer_s", drop_path_rate=0.1, image_size=32, patch_size=4,
                       entries=((1, 32, 4, 2, 2.0, True), (1, 64, 8, 2, 2.0, False)))
   config.dtype = "float32"
-  # Mixup, cutmix and erasing stay (they run on the sharded batch); RandAugment is tested on
-  # every mesh in test_augment.py and would only add its compile to each step here.
   config.augment.randaugment = ""
+  if not mixing:
+    config.augment.mixup_alpha = config.augment.cutmix_alpha = config.augment.erase_prob = 0.0
   return config
 
 
@@ -36,6 +40,19 @@ def _setup(mesh_axes, config=None):
   return mesh, state, train_step
 
 
+def _abstract_state(mesh_axes):
+  """Shapes, dtypes and shardings of the state on a mesh, with nothing computed: a restore's
+  target."""
+  config = _config()
+  model = steps.build_model(config, num_classes=10)
+  tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
+  shapes = jax.eval_shape(lambda key: steps.create_train_state(model, tx, 32, key, use_ema=True),
+                          jax.random.PRNGKey(0))
+  shardings = sharding.state_shardings(shapes, sharding.create_mesh(mesh_axes), min_size=MIN_SIZE)
+  return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes,
+                      shardings)
+
+
 def _batch():
   rng = np.random.default_rng(0)
   return {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
@@ -43,7 +60,7 @@ def _batch():
 
 
 def _two_steps(mesh_axes):
-  mesh, state, train_step = _setup(mesh_axes)
+  mesh, state, train_step = _setup(mesh_axes, _config(mixing=False))
   for _ in range(2):
     state, metrics = train_step(state, sharding.to_global(_batch(), mesh))
   return state, metrics
@@ -112,16 +129,14 @@ def test_partition_rules_are_config():
 
 @pytest.mark.slow  # 15-35 s of compiles from a cold cache on 2 cores
 def test_checkpoint_from_eight_devices_restores_on_two_and_one(tmp_path):
-  _, state, train_step = _setup({"fsdp": 8})
+  _, state, train_step = _setup({"fsdp": 8}, _config(mixing=False))  # the mesh test's step
   state, _ = train_step(state, sharding.to_global(_batch(), sharding.create_mesh({"fsdp": 8})))
   saved = jax.device_get(state)
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
   checkpointer.save(1, state, {"note": "eight devices"})
   checkpointer.wait()
   for axes in ({"fsdp": 2}, {"data": 1}):
-    _, target, _ = _setup(axes)
-    restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(
-        checkpointing.abstract(target))
+    restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(_abstract_state(axes))
     assert meta["note"] == "eight devices" and meta["checksums"]  # checksums are added on save
     assert len(restored.params["head"]["kernel"].sharding.device_set) == max(axes.values())
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
