@@ -150,7 +150,7 @@ def test_train_applies_stochastic_depth_and_eval_is_deterministic():
   eval_a, eval_b = apply(variables, x), apply(variables, x)
   np.testing.assert_array_equal(eval_a, eval_b)
   with pytest.raises(Exception, match="dropout"):
-    model.apply(variables, x, train=True)  # needs the 'dropout' rng
+    apply(variables, x, train=True)  # needs the 'dropout' rng (found while tracing)
   train = lambda k: apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(k)})
   np.testing.assert_array_equal(train(3), train(3))
   assert not np.allclose(train(3), train(4))

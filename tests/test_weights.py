@@ -61,8 +61,8 @@ def test_convert_cli_writes_a_loadable_checkpoint_with_metadata(official_pth, tm
   assert "Wrote dynamixer (custom: 3 entries, 32 px) (10 classes)" in printed  # not "dynamixer_s"
   model, variables, meta = weights.load(str(out))
   fixture = load_fixture("dynamixer_tiny.npz")
-  np.testing.assert_allclose(model.apply(variables, fixture["images"]), fixture["logits_f64"],
-                             atol=1e-6)
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, fixture["images"]),
+                             fixture["logits_f64"], atol=1e-6)
   prep = meta["preprocessing"]
   assert (prep["image_size"], prep["resize"], prep["crop"]) == (32, 35, "center")
   assert prep["mean"] == list(preprocessing.IMAGENET_MEAN)
@@ -85,8 +85,8 @@ def test_saved_weights_load_back_quietly_with_the_official_logits(saved_weights,
     model, variables, meta = weights.load(str(saved_weights))
   assert not caplog.records, caplog.text  # read as orbax expects: no warning about its metadata
   fixture = load_fixture("dynamixer_tiny.npz")
-  np.testing.assert_allclose(model.apply(variables, fixture["images"]), fixture["logits_f64"],
-                             atol=1e-6)
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, fixture["images"]),
+                             fixture["logits_f64"], atol=1e-6)
   assert meta["model"]["family"] == "dynamixer" and meta["model"]["name"] is None
 
 
@@ -109,8 +109,9 @@ def test_evaluate_gives_the_models_own_top1(saved_weights, capsys):
   config = evaluate.data_config(meta, "cifar10", mock=True)
   batches = list(pipeline.eval_batches(config.data, batch_size=24))
   correct = count = 0
+  apply = jax.jit(model.apply)  # op by op, each batch would compile every operation alone
   for b in batches:
-    logits = model.apply(variables, steps.normalize(b["image"], config.mean, config.std))
+    logits = apply(variables, steps.normalize(b["image"], config.mean, config.std))
     correct += np.sum((np.argmax(logits, -1) == b["label"]) * b["mask"])
     count += b["mask"].sum()
   assert results["count"] == count == 64
