@@ -6,8 +6,8 @@ import pathlib
 # LLVM at -O0: the suite's many tiny programs compile in about half the time, and it checks logic
 # and numbers, not speed (`pytest -m "not slow"` from a cold cache: 618 s at XLA's default -O3,
 # 394 s at -O0 on a 2-core Xeon). The short children (train.py, the CLIs, the two processes, the
-# device-check smoke, the notebook's smoke run, input_tools, doctor) run at -O0 too; only the
-# quickstart children, which train hundreds of steps, at the default level.
+# device-check smoke, the notebook's smoke run, input_tools) run at -O0 too; the quickstart
+# children, which train hundreds of steps, and doctor run at the default level.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,9 +50,10 @@ def mixer_tiny() -> dict:
   return load_fixture("mixer_tiny.npz")
 
 
-# The longest tests of the suite (a child that trains for one to three minutes on 2 cores), in the
-# order they start: started late, one of them runs alone at the end while the other worker idles
-# (the bfloat16 quickstart once held the last 150 s of an 18 min run that way).
+# The longest tests of the suite (children, or several runs of one workdir, of one to three
+# minutes each on 2 cores), in the order they start: one of them started late runs alone at the
+# end while the other worker idles (the bfloat16 quickstart held the last 150 s of an 18 min run
+# that way).
 LONGEST_FIRST = ("test_quickstart_trains", "test_the_quickstart_in_bfloat16",
                  "test_two_processes_train", "test_the_device_check_suite",
                  "test_stop_and_resume", "test_cifar_finetune_notebook")
