@@ -262,8 +262,7 @@ def test_train_step_with_the_official_augmentation_gives_finite_loss():
   configlib.validate(config)
   model = steps.build_model(config, num_classes=10)
   tx, schedule = optim.create_optimizer(config, 1)
-  state = jax.jit(lambda k: steps.create_train_state(model, tx, 16, k, use_ema=False))(
-      jax.random.PRNGKey(0))  # jitted: op by op, the init compiles each operation alone
+  state = steps.create_train_state(model, tx, 16, jax.random.PRNGKey(0), use_ema=False)
   step = jax.jit(steps.make_train_step(model, tx, schedule, config, 10))
   batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)),
                                 jnp.uint8), "label": jnp.arange(8) % 10}

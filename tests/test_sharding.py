@@ -26,7 +26,9 @@ def _config(mixing: bool = True):
   return config
 
 
-def _setup(mesh_axes, config=None):
+def _setup(mesh_axes, config=None, abstract=False):
+  """``(mesh, state, train_step)``; with ``abstract`` the state is only its shapes, dtypes and
+  shardings (a restore's target), and nothing is computed."""
   config = config or _config()
   mesh = sharding.create_mesh(mesh_axes)
   model = steps.build_model(config, num_classes=10)
@@ -34,23 +36,11 @@ def _setup(mesh_axes, config=None):
   make_state = lambda key: steps.create_train_state(model, tx, 32, key, use_ema=True)
   shardings = sharding.state_shardings(jax.eval_shape(make_state, jax.random.PRNGKey(0)), mesh,
                                        min_size=MIN_SIZE)
-  state = jax.jit(make_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+  init = jax.jit(make_state, out_shardings=shardings)
+  state = (init.eval_shape if abstract else init)(jax.random.PRNGKey(0))
   train_step = jax.jit(steps.make_train_step(model, tx, schedule, config, 10),
                        out_shardings=(shardings, None))
   return mesh, state, train_step
-
-
-def _abstract_state(mesh_axes):
-  """Shapes, dtypes and shardings of the state on a mesh, with nothing computed: a restore's
-  target."""
-  config = _config()
-  model = steps.build_model(config, num_classes=10)
-  tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
-  shapes = jax.eval_shape(lambda key: steps.create_train_state(model, tx, 32, key, use_ema=True),
-                          jax.random.PRNGKey(0))
-  shardings = sharding.state_shardings(shapes, sharding.create_mesh(mesh_axes), min_size=MIN_SIZE)
-  return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes,
-                      shardings)
 
 
 def _batch():
@@ -136,7 +126,8 @@ def test_checkpoint_from_eight_devices_restores_on_two_and_one(tmp_path):
   checkpointer.save(1, state, {"note": "eight devices"})
   checkpointer.wait()
   for axes in ({"fsdp": 2}, {"data": 1}):
-    restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(_abstract_state(axes))
+    _, target, _ = _setup(axes, abstract=True)
+    restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(target)
     assert meta["note"] == "eight devices" and meta["checksums"]  # checksums are added on save
     assert len(restored.params["head"]["kernel"].sharding.device_set) == max(axes.values())
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)

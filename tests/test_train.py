@@ -130,8 +130,7 @@ def test_padded_eval_counts_every_example_once():
   config = tiny_config()
   model = steps.build_model(config, 10)
   tx, _ = optim.create_optimizer(config, 3)
-  state = jax.jit(lambda k: steps.create_train_state(model, tx, 32, k, use_ema=True))(
-      jax.random.PRNGKey(0))  # jitted: op by op, the init compiles each operation alone
+  state = steps.create_train_state(model, tx, 32, jax.random.PRNGKey(0), use_ema=True)
   mesh = sharding.mesh_from_config(config)
   from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = list(pipeline.eval_batches(config.data, batch_size=40))

@@ -176,12 +176,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
   rng = np.random.default_rng(0)
   batch = _synthetic_batch(config, args, size, num_classes, rng)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=1000)
-  # Jitted, as train.py does: run op by op, the init compiles every one of its ~300 operations
-  # on its own (16 s of a 21 s tiny CPU run). A jit's outputs are distinct buffers, so the EMA
-  # copy of the parameters survives the step's donation of the whole state.
-  state = jax.jit(lambda key: steps.create_train_state(model, tx, size, key,
-                                                       use_ema=config.ema_decay > 0)
-                  )(jax.random.PRNGKey(config.seed))
+  state = steps.create_train_state(model, tx, size, jax.random.PRNGKey(config.seed),
+                                   use_ema=config.ema_decay > 0)
   setup = _Setup(config, num_classes, model, tx, schedule, state, batch)
   if args.mesh:
     mesh = setup.mesh = sharding.create_mesh(parse_mesh(args.mesh))
