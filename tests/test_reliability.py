@@ -76,14 +76,29 @@ def _steps(workdir):
 # ------------------------------------------------------------------------------- preemption
 
 
-def test_sigint_stops_at_a_step_boundary_and_twice_interrupts():
-  with preemption.PreemptionWatcher() as watcher:
-    assert not watcher.should_stop(1)
+_WATCHER_CHILD = """
+import os, signal
+from dynamixer_jax.train import preemption
+with preemption.PreemptionWatcher() as watcher:
+  assert not watcher.should_stop(1)
+  os.kill(os.getpid(), signal.SIGINT)
+  assert watcher.should_stop(2) and watcher.signal == signal.SIGINT
+  try:
     os.kill(os.getpid(), signal.SIGINT)
-    assert watcher.should_stop(2) and watcher.signal == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    raise AssertionError("a second SIGINT did not interrupt")
+  except KeyboardInterrupt:
+    pass
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+print("ok")
+"""
+
+
+def test_sigint_stops_at_a_step_boundary_and_twice_interrupts():
+  # In a child: a SIGINT sent to the pytest worker can land in a gc callback of jax's, where the
+  # KeyboardInterrupt is swallowed ("Exception ignored in _xla_gc_callback", seen in a full run).
+  result = subprocess.run([sys.executable, "-c", _WATCHER_CHILD], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
   assert preemption.Preempted(signal.SIGINT, 5, "d").exit_code == 130
 
 
