@@ -30,6 +30,8 @@ from dynamixer_jax.benchmark import hardware, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = (("dynamixer_s", 256), ("dynamixer_m", 128), ("dynamixer_l", 128), ("mixer_b16", 256))
+# --tiny times every step at one batch: the train row and the first memory row are one program.
+TINY_BATCH = 4
 
 
 def _args(base: argparse.Namespace, **changes: Any) -> argparse.Namespace:
@@ -54,7 +56,8 @@ def _speed_rows(args, measured_peak: float) -> tuple[list[str], list[dict]]:
       # --tiny: no device augmentation (its compile was 20 s of this 70 s smoke run on 2 cores;
       # `--mode augment` times it in its own test) and the memory rows' batch, so that this step
       # is the program of their first row, compiled once where a compilation cache is on.
-      case = _args(args, model=name, mode=mode, dtype="bfloat16", batch=4 if tiny else batch,
+      case = _args(args, model=name, mode=mode, dtype="bfloat16",
+                   batch=TINY_BATCH if tiny else batch,
                    steps=1 if tiny else 5, repeats=1 if tiny else 2, warmup=1,
                    override=[], grad_accum_steps=1, mesh="", no_device_augment=tiny,
                    torch_reference=None if tiny else args.torch_reference, torch_compile=True)
@@ -72,12 +75,12 @@ def _speed_rows(args, measured_peak: float) -> tuple[list[str], list[dict]]:
 
 
 def _memory_rows(args) -> list[str]:
-  name, batch = ("dynamixer_s", 2) if args.tiny else ("dynamixer_l", 128)
+  name, batch = ("dynamixer_s", TINY_BATCH) if args.tiny else ("dynamixer_l", 128)
   rows = []
   for label, changes in (("none", {}), ("model.remat=True", dict(override=["remat=true"])),
                          ("grad_accum_steps=4", dict(grad_accum_steps=4))):
     # Without the device augmentation: the levers act on the model's activations.
-    base = dict(model=name, mode="train", dtype="bfloat16", batch=4 if args.tiny else batch,
+    base = dict(model=name, mode="train", dtype="bfloat16", batch=batch,
                 steps=1, repeats=1, warmup=0, override=[], grad_accum_steps=1, mesh="",
                 no_device_augment=True)
     base.update(changes)
