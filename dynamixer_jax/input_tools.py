@@ -76,11 +76,6 @@ def jpeg_folder(root: str, count: int, seed: int = 0) -> str:
   return root
 
 
-def host_cores() -> int:
-  """The cores this process may run on (what tf.data's AUTOTUNE can use)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def throughput(config, batch_size: int, num_batches: int) -> float:
   """Host images/s of ``train_batches`` after two warm-up batches."""
   from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -142,7 +137,8 @@ def main(argv):
     if argv[1] == "throughput":
       with config.unlocked():
         config.data.mock_num_examples = max(config.data.mock_num_examples, 4 * _BATCH_SIZE.value)
-      rate, cores = throughput(config, _BATCH_SIZE.value, _BATCHES.value), host_cores()
+      rate = throughput(config, _BATCH_SIZE.value, _BATCHES.value)
+      cores = preprocessing.host_cores()
       canvas = preprocessing.train_canvas(config.data)
       work = (f"decode the crop; resize on the device from a {canvas} px canvas" if canvas
               else "decode, crop, resize")

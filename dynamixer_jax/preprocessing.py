@@ -8,6 +8,7 @@ and ``predict`` preprocess exactly as the run that made it). Both the TensorFlow
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping, NoReturn, Sequence
 
 import ml_collections
@@ -39,6 +40,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Evaluation: 'center' resizes the shorter side to eval_resize, then center-crops
       # image_size (torchvision's Resize + CenterCrop); 'resize' squashes to image_size.
       eval_resize=248, eval_crop="center", eval_interpolation="bicubic"))
+
+
+def host_cores() -> int:
+  """The cores this process may run on: the host pipeline runs one map call on each."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def train_canvas(data: ml_collections.ConfigDict) -> int:

@@ -5,13 +5,14 @@ accelerator's datasheet bf16 peak (by its exact device kind: an unknown device g
 a guess), and a matmul peak measured in the same run, for MFU.
 """
 
-import os
 import platform
 import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from dynamixer_jax import preprocessing
 
 # Dense bf16 tensor throughput from the vendors' datasheets, TFLOP/s (no sparsity), keyed by
 # substrings of jax's device_kind, most specific first.
@@ -58,14 +59,10 @@ def vector_extensions() -> list[str]:
   return [name for flag, name in EXTENSIONS if flag in flags]
 
 
-def host_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def cpu_description() -> str:
   """e.g. 'Intel(R) Xeon(R) Processor, 2 cores, AVX2 AVX-512 AMX'."""
   extensions = " ".join(vector_extensions()) or "no AVX2/AVX-512/AMX"
-  return f"{cpu_model()}, {host_cores()} cores, {extensions}"
+  return f"{cpu_model()}, {preprocessing.host_cores()} cores, {extensions}"
 
 
 def datasheet_peak_tflops(device_kind: str) -> Optional[float]:
