@@ -1,7 +1,8 @@
 r"""A small DynaMixer on scikit-learn's handwritten digits: real images, nothing to download.
 
 1,797 real 8x8 digits ship inside the scikit-learn wheel; they are upsampled to 32x32 and split
-into a fixed held-out set (20 %). The model is a two-entry DynaMixer (8x8 then 4x4 tokens).
+into a fixed held-out set (20 %). The model is a two-entry DynaMixer (8x8 then 4x4 tokens), one
+block each.
 
 Command:   python train.py --config=configs/quickstart.py
 Hardware:  any CPU; 2 cores are enough.
@@ -16,7 +17,7 @@ def get_config(arg=None):
   configlib.parse_arguments(arg, {}, "configs/quickstart.py")
   config = configlib.base_config()
   config.model = dict(name="dynamixer_s", drop_path_rate=0.0, image_size=32, patch_size=4,
-                      entries=((2, 64, 4, 2, 3.0, True), (2, 128, 8, 2, 3.0, False)))
+                      entries=((1, 64, 4, 2, 3.0, True), (1, 128, 8, 2, 3.0, False)))
   config.dtype = "float32"
   config.data.name = "digits"
   config.data.image_size = 32
@@ -30,7 +31,7 @@ def get_config(arg=None):
   config.augment.erase_prob = 0.0
   config.mean = config.std = (0.5, 0.5, 0.5)
   config.batch_size = config.eval_batch_size = 64
-  config.num_epochs = 15
+  config.num_epochs = 20
   config.optim.lr = 2e-3
   config.schedule.warmup_epochs = 2
   config.schedule.cooldown_epochs = 0
