@@ -33,7 +33,7 @@ def _options() -> tf.data.Options:
 
   Fixed parallelism instead of tf.data's autotuning: its tuning thread sleeps up to a minute
   between rounds and a pipeline's teardown waits for it to wake (gdb: ``Model::OptimizeLoop``),
-  which held the end of a 2-minute run 42-48 s and would hold a preempted job's exit as long.
+  which held the end of a 2-minute run 41-49 s and would hold a preempted job's exit as long.
   On 2 cores the fixed settings read as fast (digits 2,664 vs 2,637 img/s autotuned, 224 px
   JPEG crops 684 vs 640; ``input_tools throughput``).
   """
