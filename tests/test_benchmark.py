@@ -129,6 +129,63 @@ def test_datasheet_peaks_name_only_known_devices():
   assert hardware.datasheet_peak_tflops("NVIDIA RTX 9999 Mystery") is None  # never "an H100"
 
 
+def _fake_row(case) -> dict:
+  return dict(model=case.model, mode=case.mode, batch=case.batch, images_per_s=100.0,
+              step_time_s=0.01, setup_time_s=1.0, compile_time_s=2.0, xla_temp_bytes=2**30,
+              xla_step_bytes=2**31, achieved_tflops=1.0, mfu=None)
+
+
+def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_path, monkeypatch,
+                                                                         capsys):
+  """Device time is short: a part that fails is reported in the table and the rest still runs;
+  the official model runs eager beside each DynaMixer row and under torch.compile last; a part
+  that would start past the budget is listed as not run; the JSON holds the table so far."""
+  from dynamixer_jax.benchmark import suite  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_jax(case):
+    calls.append(f"jax {case.model} {case.mode}")
+    if case.model == "dynamixer_m" and case.mode == "infer":
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return _fake_row(case)
+
+  def fake_torch(case, compile_, timeout):
+    assert timeout > 0
+    calls.append(f"torch {case.model} {case.mode} {'compile' if compile_ else 'eager'}")
+    return dict(images_per_s=50.0 if compile_ else 25.0)
+
+  monkeypatch.setattr(suite.timing, "benchmark_jax", fake_jax)
+  monkeypatch.setattr(suite.timing, "run_torch_reference", fake_torch)
+  monkeypatch.setattr(suite.hardware, "measure_matmul_tflops", lambda dtype, size: 100.0)
+  monkeypatch.setattr(suite.digits_run, "run", lambda steps, dtype, log_every: dict(
+      seconds=1.0, loss_curve=[(steps, 0.5)], top1=99.0, ema_top1=98.5))
+  path = tmp_path / "suite.json"
+  args = benchmark.build_parser().parse_args(["--suite", "--torch_reference", "unused",
+                                              "--json", str(path)])
+  table = suite.main(args)["table"]
+  assert calls[:3] == ["jax dynamixer_s train", "torch dynamixer_s train eager",
+                       "jax dynamixer_s infer"]
+  assert "torch mixer_b16 train eager" not in calls  # no official Mixer in that checkout
+  compiled = [f"torch dynamixer_{m} {mode} compile" for m in "sml"
+              for mode in ("train", "infer") if (m, mode) != ("m", "infer")]
+  assert calls[-len(compiled) - 1:] == ["jax dynamixer_l train"] + compiled  # memory rows, then
+  assert "failed: dynamixer_m infer (JAX): RuntimeError: RESOURCE_EXHAUSTED" in table
+  assert "| dynamixer_l | train | 128 | 100.0 | 10.0 | 1 / 2 | 1.00 | 2.00 | 1.0 % |" in table
+  assert "| 25.0 | 50.0 | 2.00x |" in table  # JAX over the best official mode
+  assert "| mixer_b16 | infer | 256 |" in table and "| n/a | n/a | n/a |" in table
+  assert "| dynamixer_l train b128 | model.remat=True | 1.00 | 2.00 | 10.0 |" in table
+  assert "held-out top-1 after 200 steps: 99.00 % (raw), 98.50 % (EMA)" in table
+  assert json.loads(path.read_text())["table"] == table
+  assert "start: mixer_b16 infer (JAX)" in capsys.readouterr().err
+
+  calls.clear()
+  args.budget_s = 0
+  table = suite.main(args)["table"]
+  assert calls == []
+  assert "not run (past the 0 s budget): dynamixer_s train (JAX)" in table
+  assert "not run (past the 0 s budget): 200-step digits run" in table
+
+
 @pytest.mark.slow
 def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   """``--suite --tiny``: every part of the device check, on the CPU, in a child process."""

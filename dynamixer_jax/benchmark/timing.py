@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
   cli.add(p, "suite", action="store_true",
           help="the one-shot device check (suite.py): S/M/L and Mixer-B/16, train and infer, "
                "bfloat16, memory levers, a 200-step run on real data; one markdown table")
+  cli.add(p, "budget_s", type=float, default=480, metavar="SECONDS",
+          help="--suite: parts that would start later than this are listed as not run")
   cli.add(p, "json", default=None, metavar="PATH", help="write every field here")
   cli.add(p, "torch_reference", default=None, metavar="DIR",
           help="a local checkout of github.com/ziyuwwang/DynaMixer to compare with")
@@ -136,6 +138,18 @@ def xla_temp_bytes(compiled) -> Optional[int]:
   so the memory levers can be compared on a CPU too."""
   try:
     return int(compiled.memory_analysis().temp_size_in_bytes)
+  except (AttributeError, NotImplementedError, TypeError):
+    return None
+
+
+def xla_step_bytes(compiled) -> Optional[int]:
+  """What one step holds on the device by XLA's plan: its inputs, outputs and scratch, with the
+  donated inputs that outputs reuse counted once. Unlike the device's peak counter, which only
+  grows within a process, this is the figure of this one program."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
   except (AttributeError, NotImplementedError, TypeError):
     return None
 
@@ -238,10 +252,15 @@ def benchmark_jax(args: argparse.Namespace,
   """Every figure of one JAX measurement (see ``report`` for what they mean), timed in
   ``args.rounds`` rounds; ``between_rounds()`` runs after each one (the other side of an
   alternating comparison). images/s is the median of the rounds' medians."""
+  start = time.perf_counter()
   setup = _setup(args)
+  jax.block_until_ready(setup.state)
+  setup_s = time.perf_counter() - start
   run, compiled, compile_s = _compile(args, setup)
+  start = time.perf_counter()
   for _ in range(args.warmup):
     jax.block_until_ready(run())
+  warmup_s = time.perf_counter() - start
   round_rates, rates, times = [], [], []
   for _ in range(args.rounds):
     r, t = time_steps(run, args.steps, args.repeats, args.batch)
@@ -251,10 +270,14 @@ def benchmark_jax(args: argparse.Namespace,
     if between_rounds:
       between_rounds()
   device = jax.devices()[0]
-  fwd_flops = flops.forward_flops(setup.model)
+  try:
+    fwd_flops = flops.forward_flops(setup.model)
+  except RuntimeError as e:  # the timing stands without it: MFU is n/a
+    print(f"No FLOP count, so no MFU: {e}", file=sys.stderr)
+    fwd_flops = None
   images_per_s = statistics.median(round_rates)
   # The model's FLOPs: none in the augmentation alone.
-  achieved = {"train": 3, "infer": 1}.get(args.mode, 0) * fwd_flops * images_per_s
+  achieved = {"train": 3, "infer": 1}.get(args.mode, 0) * (fwd_flops or 0) * images_per_s
   peak, peak_source = args.peak_tflops, "--peak_tflops"
   if peak is None:
     peak = hardware.datasheet_peak_tflops(device.device_kind)
@@ -268,7 +291,9 @@ def benchmark_jax(args: argparse.Namespace,
       images_per_s=images_per_s, images_per_s_min=min(rates), images_per_s_max=max(rates),
       images_per_s_all=rates, images_per_s_rounds=round_rates,
       step_time_s=statistics.median(times), compile_time_s=compile_s,
+      setup_time_s=setup_s, warmup_time_s=warmup_s,
       peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
+      xla_step_bytes=xla_step_bytes(compiled),
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
       forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12 if achieved else None,
@@ -280,14 +305,18 @@ def benchmark_jax(args: argparse.Namespace,
       python_version=platform.python_version())
 
 
-def run_torch_reference(args: argparse.Namespace, compile_: bool) -> dict[str, Any]:
+def run_torch_reference(args: argparse.Namespace, compile_: bool,
+                        timeout: float = 1800) -> dict[str, Any]:
   """The official model in a subprocess (same interpreter), parsed from its last stdout line."""
   cmd = [sys.executable, "-m", "dynamixer_jax.benchmark.torch_reference",
          "--dir", os.path.abspath(args.torch_reference), "--pythonpath", args.torch_pythonpath,
          "--model", args.model, "--batch", str(args.batch), "--mode", args.mode,
          "--dtype", args.dtype, "--steps", str(args.steps), "--repeats", str(args.repeats),
          "--warmup", str(args.warmup)] + (["--compile"] if compile_ else [])
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise RuntimeError(f"The torch reference took over {timeout:.0f} s: {' '.join(cmd)}") from None
   if proc.returncode:
     raise RuntimeError(f"The torch reference failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -311,10 +340,12 @@ def report(result: dict[str, Any]) -> str:
       f"  images/s        {result['images_per_s']:.2f} (median of {rounds}{result['repeats']}; "
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
       f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
-      f"  compile time    {result['compile_time_s']:.1f} s",
+      f"  compile time    {result['compile_time_s']:.1f} s (before it: {result['setup_time_s']:.1f} s "
+      f"to build the state and batch; warm-up steps after it: {result['warmup_time_s']:.1f} s)",
       f"  peak memory     {_fmt(gib(result['peak_memory_bytes']), '.2f', ' GiB')}",
       f"  XLA temp memory {_fmt(gib(result['xla_temp_bytes']), '.2f', ' GiB')}",
-      f"  forward FLOPs   {result['forward_flops_per_image'] / 1e9:.3f} GFLOP/image",
+      f"  forward FLOPs   "
+      f"{_fmt(result['forward_flops_per_image'] and result['forward_flops_per_image'] / 1e9, '.3f', ' GFLOP/image')}",
       f"  achieved        "
       f"{_fmt(result['achieved_tflops'] and result['achieved_tflops'] * 1e3, '.1f', ' GFLOP/s')}",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
