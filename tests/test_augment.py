@@ -172,6 +172,7 @@ def _augment_on(num_devices: int, batching: str):
   return jax.device_get(compiled(key, batch))
 
 
+@pytest.mark.slow  # 15-30 s of compiles from a cold cache on 2 cores
 def test_device_augmentation_is_the_same_on_1_and_8_devices():
   """Bit for bit the same on one device and sharded over 8 (each device RandAugments its own
   rows with shard_map). 'map', the CPU's batching; 'vmap' gives the same batch on 8 devices
@@ -182,6 +183,9 @@ def test_device_augmentation_is_the_same_on_1_and_8_devices():
   np.testing.assert_allclose(one[1], eight[1], rtol=1e-6)  # targets: fusion order
 
 
+# 15-20 s of compiles (cold cache, 2 cores): the full suite only; the inner loop keeps
+# test_randaugment.py's map-against-vmap check of RandAugment itself.
+@pytest.mark.slow
 def test_map_and_vmap_batching_give_the_same_batch():
   np.testing.assert_array_equal(_augment_on(8, "map")[0], _augment_on(8, "vmap")[0])
 

@@ -157,7 +157,7 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
   monkeypatch.setattr(suite.timing, "benchmark_jax", fake_jax)
   monkeypatch.setattr(suite.timing, "run_torch_reference", fake_torch)
   monkeypatch.setattr(suite.hardware, "measure_matmul_tflops", lambda dtype, size: 100.0)
-  monkeypatch.setattr(suite.digits_run, "run", lambda steps, dtype, log_every: dict(
+  monkeypatch.setattr(suite.digits_run, "run", lambda steps, dtype, log_every, model: dict(
       seconds=1.0, loss_curve=[(steps, 0.5)], top1=99.0, ema_top1=98.5))
   path = tmp_path / "suite.json"
   args = benchmark.build_parser().parse_args(["--suite", "--torch_reference", "unused",

@@ -73,15 +73,27 @@ def test_training_steps_do_not_depend_on_the_mesh(mesh_axes, single_device):
                jax.device_get(state.opt_state), want_state.opt_state)
 
 
-@pytest.mark.parametrize("mesh_axes,accum", [
-    pytest.param({"data": 1}, 4, marks=pytest.mark.slow),  # ~20 s of compiles: full suite only
-    ({"data": 4, "fsdp": 2}, 2)], ids=["1device_accum4", "data4_fsdp2_accum2"])
-def test_gradient_accumulation_gives_the_full_batch_update(mesh_axes, accum):
+def _accumulation_config():
   # Without stochastic depth the micro-batches see exactly the full batch's computation.
   config = _config()
   config.model.drop_path_rate = 0.0
-  mesh, state, train_step = _setup({"data": 1}, config)
-  want, want_metrics = jax.device_get(train_step(state, sharding.to_global(_batch(), mesh)))
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_batch_update():
+  """One step on the whole batch, one device: what every accumulation must reproduce."""
+  mesh, state, train_step = _setup({"data": 1}, _accumulation_config())
+  return jax.device_get(train_step(state, sharding.to_global(_batch(), mesh)))
+
+
+# 15-25 s of compiles each from a cold cache on 2 cores: the full suite only.
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_axes,accum", [({"data": 1}, 4), ({"data": 4, "fsdp": 2}, 2)],
+                         ids=["1device_accum4", "data4_fsdp2_accum2"])
+def test_gradient_accumulation_gives_the_full_batch_update(mesh_axes, accum, full_batch_update):
+  want, want_metrics = full_batch_update
+  config = _accumulation_config()
   config.grad_accum_steps = accum
   mesh, state, train_step = _setup(mesh_axes, config)
   got, metrics = jax.device_get(train_step(state, sharding.to_global(_batch(), mesh)))

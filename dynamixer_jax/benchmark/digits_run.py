@@ -9,7 +9,7 @@ compressed into the steps run, so that a short run still warms up, peaks and dec
 
 import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -31,11 +31,14 @@ def _shifted(rng: np.random.Generator, images: np.ndarray, pad: int) -> np.ndarr
   return padded[:, dy:dy + size, dx:dx + size]
 
 
-def run(num_steps: int, dtype: str = "bfloat16", log_every: int = 20) -> dict[str, Any]:
-  """``num_steps`` train steps; returns the loss curve, held-out top-1 (raw, EMA), seconds."""
+def run(num_steps: int, dtype: str = "bfloat16", log_every: int = 20,
+        model: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """``num_steps`` train steps; returns the loss curve, held-out top-1 (raw, EMA), seconds.
+  ``model``: fields that replace the recipe's model (a smaller one for a smoke test)."""
   config = recipes.load("quickstart")
   with config.unlocked():
     config.dtype = dtype
+    config.model.update(model or {})
   (train_x, train_y), (test_x, test_y) = preprocessing.digits_splits()
   size, batch = config.data.image_size, config.batch_size
   train_x, test_x = _upsample(train_x, size), _upsample(test_x, size)
