@@ -12,6 +12,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dynamixer_jax import preprocessing, recipes
@@ -20,7 +21,7 @@ from dynamixer_jax.train import optim, steps
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
   out = jax.image.resize(images.astype(np.float32), (len(images), size, size, 3), "bicubic")
-  return np.asarray(jax.numpy.clip(jax.numpy.round(out), 0, 255)).astype(np.uint8)
+  return np.asarray(jnp.clip(jnp.round(out), 0, 255)).astype(np.uint8)
 
 
 def _shifted(rng: np.random.Generator, images: np.ndarray, pad: int) -> np.ndarray:
@@ -65,8 +66,8 @@ def run(num_steps: int, dtype: str = "bfloat16", log_every: int = 20,
   sums: dict[str, float] = {}
   for i in range(0, padded, batch):
     rows = np.arange(i, i + batch) % len(test_x)
-    out = eval_step(state, {"image": test_x[rows], "label": test_y[rows], "mask": mask[i:i + batch]})
-    for key, value in out.items():
+    batch_rows = {"image": test_x[rows], "label": test_y[rows], "mask": mask[i:i + batch]}
+    for key, value in eval_step(state, batch_rows).items():
       sums[key] = sums.get(key, 0.0) + float(value)
   return dict(steps=num_steps, dtype=dtype, loss_curve=curve, seconds=seconds,
               top1=100 * sums["top1"] / sums["count"],

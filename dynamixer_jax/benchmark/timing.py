@@ -353,6 +353,7 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 def report(result: dict[str, Any]) -> str:
   gib = lambda b: b and b / 2**30
+  flops_per_image = result["forward_flops_per_image"]
   n_rounds = len(result["images_per_s_rounds"])
   rounds = f"{n_rounds} rounds of " if n_rounds > 1 else ""
   lines = [
@@ -365,12 +366,12 @@ def report(result: dict[str, Any]) -> str:
       f"  images/s        {result['images_per_s']:.2f} (median of {rounds}{result['repeats']}; "
       f"min {result['images_per_s_min']:.2f}, max {result['images_per_s_max']:.2f})",
       f"  step time       {result['step_time_s'] * 1e3:.1f} ms",
-      f"  compile time    {result['compile_time_s']:.1f} s (before it: {result['setup_time_s']:.1f} s "
-      f"to build the state and batch; warm-up steps after it: {result['warmup_time_s']:.1f} s)",
+      f"  compile time    {result['compile_time_s']:.1f} s (before it: "
+      f"{result['setup_time_s']:.1f} s to build the state and batch; warm-up steps after it: "
+      f"{result['warmup_time_s']:.1f} s)",
       f"  peak memory     {_fmt(gib(result['peak_memory_bytes']), '.2f', ' GiB')}",
       f"  XLA temp memory {_fmt(gib(result['xla_temp_bytes']), '.2f', ' GiB')}",
-      f"  forward FLOPs   "
-      f"{_fmt(result['forward_flops_per_image'] and result['forward_flops_per_image'] / 1e9, '.3f', ' GFLOP/image')}",
+      f"  forward FLOPs   {_fmt(flops_per_image and flops_per_image / 1e9, '.3f', ' GFLOP/image')}",
       f"  achieved        "
       f"{_fmt(result['achieved_tflops'] and result['achieved_tflops'] * 1e3, '.1f', ' GFLOP/s')}",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
