@@ -1,6 +1,6 @@
 """``python -m dynamixer_jax.evaluate --checkpoint DIR --dataset NAME``: top-1/top-5 of weights.
 
-Runs the trainer's own evaluation (``train.loop.evaluate`` over ``data.pipeline.eval_batches``
+Runs the trainer's own evaluation (``train.steps.evaluate`` over ``data.pipeline.eval_batches``
 with ``train.steps.make_eval_step``): every example counted once, the last batch padded and
 masked, preprocessed as the checkpoint's metadata says (its ``EvalPreprocessing`` record).
 """
@@ -34,7 +34,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, data_dir: Optional[str
   import jax  # pylint: disable=g-import-not-at-top
   from dynamixer_jax import weights  # pylint: disable=g-import-not-at-top
   from dynamixer_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  from dynamixer_jax.train import loop, sharding, steps  # pylint: disable=g-import-not-at-top
+  from dynamixer_jax.train import sharding, steps  # pylint: disable=g-import-not-at-top
   model, variables, metadata = weights.load(checkpoint, use_ema=use_ema)
   config = data_config(metadata, dataset, data_dir, split, mock)
   info = sources.dataset_info(config.data)
@@ -46,7 +46,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, data_dir: Optional[str
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size  # a multiple of devices
   state = steps.TrainState(step=0, params=variables["params"], opt_state=None, ema_params=None)
   eval_step = jax.jit(steps.make_eval_step(model, config, info.num_classes))
-  results = loop.evaluate(eval_step, state, pipeline.eval_batches(
+  results = steps.evaluate(eval_step, state, pipeline.eval_batches(
       config.data, batch_size=sharding.per_process_batch(batch_size, mesh),
       process_index=jax.process_index(), process_count=jax.process_count()), mesh)
   return dict(top1=results["eval_top1"], top5=results["eval_top5"], loss=results["eval_loss"],

@@ -168,7 +168,8 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
   assert "torch mixer_b16 train eager" not in calls  # no official Mixer in that checkout
   compiled = [f"torch dynamixer_{m} {mode} compile" for m in "sml"
               for mode in ("train", "infer") if (m, mode) != ("m", "infer")]
-  assert calls[-len(compiled) - 1:] == ["jax dynamixer_l train"] + compiled  # memory rows, then
+  # the last memory row, then torch.compile for each DynaMixer row that ran
+  assert calls[-len(compiled) - 1:] == ["jax dynamixer_l train"] + compiled
   assert "failed: dynamixer_m infer (JAX): RuntimeError: RESOURCE_EXHAUSTED" in table
   assert "| dynamixer_l | train | 128 | 100.0 | 10.0 | 1 / 2 | 1.00 | 2.00 | 1.0 % |" in table
   assert "| 25.0 | 50.0 | 2.00x |" in table  # JAX over the best official mode

@@ -135,7 +135,7 @@ def test_padded_eval_counts_every_example_once():
   from dynamixer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = list(pipeline.eval_batches(config.data, batch_size=40))
   assert len(batches) == 2 and batches[-1]["mask"].sum() == 8  # 48 = 40 + 8 real + 32 padding
-  results = loop.evaluate(jax.jit(steps.make_eval_step(model, config, 10)), state,
+  results = steps.evaluate(jax.jit(steps.make_eval_step(model, config, 10)), state,
                                batches, mesh)
   assert results["eval_count"] == 48
   # The same accuracy as counting by hand over the 48 real examples.

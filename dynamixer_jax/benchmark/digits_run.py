@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamixer_jax import preprocessing, recipes
-from dynamixer_jax.train import optim, steps
+from dynamixer_jax.train import optim, sharding, steps
 
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -61,14 +61,12 @@ def run(num_steps: int, dtype: str = "bfloat16", log_every: int = 20,
     if step % log_every == 0 or step == num_steps:
       curve.append((step, float(metrics["loss"])))
   seconds = time.perf_counter() - start
+  # The held-out split in padded, masked batches, scored by train.py's own evaluation.
   padded = math.ceil(len(test_x) / batch) * batch
-  mask = np.arange(padded) < len(test_x)
-  sums: dict[str, float] = {}
-  for i in range(0, padded, batch):
-    rows = np.arange(i, i + batch) % len(test_x)
-    batch_rows = {"image": test_x[rows], "label": test_y[rows], "mask": mask[i:i + batch]}
-    for key, value in eval_step(state, batch_rows).items():
-      sums[key] = sums.get(key, 0.0) + float(value)
+  rows, mask = np.arange(padded) % len(test_x), np.arange(padded) < len(test_x)
+  batches = ({"image": test_x[rows[i:i + batch]], "label": test_y[rows[i:i + batch]],
+              "mask": mask[i:i + batch]} for i in range(0, padded, batch))
+  results = steps.evaluate(eval_step, state, batches, sharding.create_mesh({"data": 1}))
+  ema = results.get("eval_ema_top1")
   return dict(steps=num_steps, dtype=dtype, loss_curve=curve, seconds=seconds,
-              top1=100 * sums["top1"] / sums["count"],
-              ema_top1=100 * sums["ema_top1"] / sums["count"] if "ema_top1" in sums else None)
+              top1=100 * results["eval_top1"], ema_top1=None if ema is None else 100 * ema)

@@ -133,25 +133,17 @@ def peak_memory_bytes(device) -> Optional[int]:
   return stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
 
 
-def xla_temp_bytes(compiled) -> Optional[int]:
-  """XLA's planned scratch memory (activations, workspace) of a compiled step; every backend,
-  so the memory levers can be compared on a CPU too."""
-  try:
-    return int(compiled.memory_analysis().temp_size_in_bytes)
-  except (AttributeError, NotImplementedError, TypeError):
-    return None
-
-
-def xla_step_bytes(compiled) -> Optional[int]:
-  """What one step holds on the device by XLA's plan: its inputs, outputs and scratch, with the
-  donated inputs that outputs reuse counted once. Unlike the device's peak counter, which only
-  grows within a process, this is the figure of this one program."""
+def xla_memory(compiled) -> tuple[Optional[int], Optional[int]]:
+  """XLA's memory plan of a compiled step, on every backend (so the memory levers can be compared
+  on a CPU too): (scratch bytes: activations, workspace; step bytes: inputs, outputs and scratch,
+  donated inputs that outputs reuse counted once). Unlike the device's peak counter, which only
+  grows within a process, these are the figures of this one program."""
   try:
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(m.temp_size_in_bytes), int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                          + m.temp_size_in_bytes - m.alias_size_in_bytes)
   except (AttributeError, NotImplementedError, TypeError):
-    return None
+    return None, None
 
 
 def time_steps(run, n_steps: int, repeats: int, batch: int) -> tuple[list[float], list[float]]:
@@ -295,6 +287,7 @@ def benchmark_jax(args: argparse.Namespace,
     if between_rounds:
       between_rounds()
   device = jax.devices()[0]
+  temp_bytes, step_bytes = xla_memory(compiled)
   try:
     fwd_flops = flops.forward_flops(setup.model)
   except RuntimeError as e:  # the timing stands without it: MFU is n/a
@@ -317,8 +310,8 @@ def benchmark_jax(args: argparse.Namespace,
       images_per_s_all=rates, images_per_s_rounds=round_rates,
       step_time_s=statistics.median(times), compile_time_s=compile_s,
       setup_time_s=setup_s, warmup_time_s=warmup_s,
-      peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=xla_temp_bytes(compiled),
-      xla_step_bytes=xla_step_bytes(compiled),
+      peak_memory_bytes=peak_memory_bytes(device), xla_temp_bytes=temp_bytes,
+      xla_step_bytes=step_bytes,
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
       forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12 if achieved else None,

@@ -27,29 +27,10 @@ from dynamixer_jax import preprocessing
 from dynamixer_jax.data import pipeline, sources
 from dynamixer_jax.train import (checkpointing, configlib, console, events, faults, optim,
                                  preemption, sharding, workdir_lock)
-from dynamixer_jax.train.steps import (TrainState, build_model, create_train_state,
+from dynamixer_jax.train.steps import (TrainState, build_model, create_train_state, evaluate,
                                        make_eval_step, make_train_step)
 from dynamixer_jax.weights import metadata as metadata_lib
 from dynamixer_jax.weights import store, trees
-
-
-def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
-             mesh, abort: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
-  """Top-1/top-5 accuracy and loss over one pass of padded eval batches (None if ``abort()``
-  turns True on the way: a preempted job saves its checkpoint first)."""
-  totals = None
-  for batch in batches:
-    if abort():
-      return None
-    sums = eval_step(state, sharding.to_global(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals.pop("count"))
-  results = {"eval_count": count}
-  for name, value in totals.items():
-    prefix = "eval_ema_" if name.startswith("ema_") else "eval_"
-    results[prefix + name.removeprefix("ema_")] = float(value) / max(count, 1.0)
-  return results
 
 
 # --------------------------------------------------------------------------- setup

@@ -4,19 +4,20 @@ Nothing here imports TensorFlow, tfds or clu (accelerator images often lack them
 benchmark times exactly the step that ``train.py`` runs.
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from dynamixer_jax import models
 from dynamixer_jax.augment import device
-from dynamixer_jax.train import optim
+from dynamixer_jax.train import optim, sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -150,3 +151,22 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict,
     return sums
 
   return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             mesh, abort: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
+  """Top-1/top-5 accuracy and loss over one pass of padded eval batches (None if ``abort()``
+  turns True on the way: a preempted job saves its checkpoint first)."""
+  totals = None
+  for batch in batches:
+    if abort():
+      return None
+    sums = eval_step(state, sharding.to_global(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  results = {"eval_count": count}
+  for name, value in totals.items():
+    prefix = "eval_ema_" if name.startswith("ema_") else "eval_"
+    results[prefix + name.removeprefix("ema_")] = float(value) / max(count, 1.0)
+  return results
