@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from dynamixer_jax.models.dynamixer import DynaMixer, DynaMixerBlock, DynaMixerOp, Entry, TokenMixing
+from dynamixer_jax.models.dynamixer import (DynaMixer, DynaMixerBlock, DynaMixerOp, Entry,
+                                            TokenMixing)
 from dynamixer_jax.models.mixer import MixerBlock, MlpBlock, MlpMixer
 
 __all__ = ["DynaMixer", "DynaMixerBlock", "DynaMixerOp", "Entry", "TokenMixing", "MixerBlock",

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (DropPath, check_images, drop_path_rates,
+from dynamixer_jax.models.layers import (DropPath, check_images, drop_path_rates, exact_gelu,
                                          torch_conv_bias_init, torch_conv_kernel_init,
                                          torch_linear_kernel_init)
 
@@ -65,7 +65,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _per_token(_dense(self.hidden_dim, self.dtype, "fc1"), x)
-    x = nn.gelu(x, approximate=False)
+    x = exact_gelu(x)
     return _per_token(_dense(self.out_dim, self.dtype, "fc2"), x)
 
 
