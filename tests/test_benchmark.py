@@ -145,6 +145,8 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
 
   def fake_jax(case):
     calls.append(f"jax {case.model} {case.mode}")
+    # Like the official step beside them, the train rows leave out the device augmentation.
+    assert case.no_device_augment == (case.mode == "train")
     if case.model == "dynamixer_m" and case.mode == "infer":
       raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
     return _fake_row(case)
@@ -168,8 +170,10 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
   assert "torch mixer_b16 train eager" not in calls  # no official Mixer in that checkout
   compiled = [f"torch dynamixer_{m} {mode} compile" for m in "sml"
               for mode in ("train", "infer") if (m, mode) != ("m", "infer")]
-  # the last memory row, then torch.compile for each DynaMixer row that ran
-  assert calls[-len(compiled) - 1:] == ["jax dynamixer_l train"] + compiled
+  # the last memory row, the augmentation alone, then torch.compile for each DynaMixer row
+  assert calls[-len(compiled) - 2:] == ["jax dynamixer_l train",
+                                        "jax dynamixer_s augment"] + compiled
+  assert "| dynamixer_s | augment | 256 |" in table
   assert "failed: dynamixer_m infer (JAX): RuntimeError: RESOURCE_EXHAUSTED" in table
   assert "| dynamixer_l | train | 128 | 100.0 | 10.0 | 1 / 2 | 1.00 | 2.00 | 1.0 % |" in table
   assert "| 25.0 | 50.0 | 2.00x |" in table  # JAX over the best official mode
@@ -200,6 +204,7 @@ def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   table = json.loads(path.read_text())["table"]
   assert "bf16 matmul peak measured now" in table and "| dynamixer_s (tiny) | train |" in table
   assert "| dynamixer_s train b4 | model.remat=True |" in table
+  assert "| dynamixer_s (tiny) | augment | 4 |" in table
   assert "loss by step: 2: " in table and "held-out top-1 after 20 steps" in table
   assert table in result.stdout
 

@@ -6,9 +6,11 @@ MLP-Mixer-B/16, train and inference, bfloat16, at a realistic batch per device (
 time, compile time, XLA memory, MFU against both peaks); the official PyTorch model eager beside
 each DynaMixer row when ``--torch_reference`` is given; a 200-step bf16 training run of the
 quickstart model on real data (scikit-learn's digits), its loss curve and held-out top-1; the
-memory of DynaMixer-L with and without ``model.remat`` and with ``grad_accum_steps``; and, last,
-the official model under ``torch.compile`` while the budget lasts. With ``--tiny`` (the CI smoke
-test on a CPU) every part runs on a tiny model for a few steps, without the device augmentation.
+memory of DynaMixer-L with and without ``model.remat`` and with ``grad_accum_steps``; the device
+augmentation of a DynaMixer-S batch alone; and, last, the official model under ``torch.compile``
+while the budget lasts. The train rows time forward, backward, AdamW and EMA without the device
+augmentation, like the official step beside them (it also shortens their compile). With
+``--tiny`` (the CI smoke test on a CPU) every part runs on a tiny model for a few steps.
 
 Device time is short where accelerators are lent, so the parts run in order of what they tell,
 each part that fails is reported in its row instead of ending the check, a part that would start
@@ -120,7 +122,7 @@ def _case(args: argparse.Namespace, name: str, batch: int, mode: str) -> argpars
   return _args(args, model=name, mode=mode, dtype="bfloat16",
                batch=TINY_BATCH if args.tiny else batch, steps=1 if args.tiny else 5,
                repeats=1 if args.tiny else 2, warmup=1, override=[], grad_accum_steps=1,
-               mesh="", no_device_augment=args.tiny, rounds=1)
+               mesh="", no_device_augment=mode == "train", rounds=1)
 
 
 def _torch(check: _Check, case: argparse.Namespace, row: dict[str, Any], compile_: bool) -> None:
@@ -150,6 +152,16 @@ def _speed_rows(check: _Check, measured_peak: float) -> list[tuple[argparse.Name
         _torch(check, case, row, compile_=False)
         done.append((case, row))
   return done
+
+
+def _augment_row(check: _Check) -> None:
+  """The device augmentation of a DynaMixer-S batch alone: the train rows leave it out."""
+  case = _case(check.args, "dynamixer_s", 256, "augment")
+  row = check.attempt("dynamixer_s augment (JAX)", lambda: timing.benchmark_jax(case))
+  if row is not None:
+    row["mfu_measured_peak"] = None  # no model FLOPs
+    check.speed.append(row)
+    check.log(_speed_line(row, ""))
 
 
 def _memory_rows(check: _Check) -> None:
@@ -203,6 +215,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
   with_torch = _speed_rows(check, measured)
   _training_run(check)
   _memory_rows(check)
+  _augment_row(check)
   for case, row in with_torch:  # torch.compile last: its compiles are the longest part
     _torch(check, case, row, compile_=True)
   peak = timing.peak_memory_bytes(device)
