@@ -142,26 +142,28 @@ def _speed_rows(check: _Check, measured_peak: float) -> list[tuple[argparse.Name
   for name, batch in (MODELS[:1] if args.tiny else MODELS):
     for mode in ("train", "infer"):
       case = _case(args, name, batch, mode)
-      row = check.attempt(f"{name} {mode} (JAX)", lambda case=case: timing.benchmark_jax(case))
-      if row is None:
-        continue
-      row["mfu_measured_peak"] = row["achieved_tflops"] and row["achieved_tflops"] / measured_peak
-      check.speed.append(row)
-      check.log(_speed_line(row, ""))
-      if args.torch_reference and name in OFFICIAL:
+      row = _jax_row(check, case, measured_peak)
+      if row is not None and args.torch_reference and name in OFFICIAL:
         _torch(check, case, row, compile_=False)
         done.append((case, row))
   return done
 
 
-def _augment_row(check: _Check) -> None:
-  """The device augmentation of a DynaMixer-S batch alone: the train rows leave it out."""
-  case = _case(check.args, "dynamixer_s", 256, "augment")
-  row = check.attempt("dynamixer_s augment (JAX)", lambda: timing.benchmark_jax(case))
+def _jax_row(check: _Check, case: argparse.Namespace,
+             measured_peak: float) -> Optional[dict[str, Any]]:
+  """One row of the speed table (None when it failed or was past the budget)."""
+  row = check.attempt(f"{case.model} {case.mode} (JAX)", lambda: timing.benchmark_jax(case))
   if row is not None:
-    row["mfu_measured_peak"] = None  # no model FLOPs
+    # None without model FLOPs (the augmentation row).
+    row["mfu_measured_peak"] = row["achieved_tflops"] and row["achieved_tflops"] / measured_peak
     check.speed.append(row)
     check.log(_speed_line(row, ""))
+  return row
+
+
+def _augment_row(check: _Check, measured_peak: float) -> None:
+  """The device augmentation of a DynaMixer-S batch alone: the train rows leave it out."""
+  _jax_row(check, _case(check.args, "dynamixer_s", 256, "augment"), measured_peak)
 
 
 def _memory_rows(check: _Check) -> None:
@@ -215,7 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
   with_torch = _speed_rows(check, measured)
   _training_run(check)
   _memory_rows(check)
-  _augment_row(check)
+  _augment_row(check, measured)
   for case, row in with_torch:  # torch.compile last: its compiles are the longest part
     _torch(check, case, row, compile_=True)
   peak = timing.peak_memory_bytes(device)
