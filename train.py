@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dynamixer_jax import cli  # noqa: E402  (light: no jax, no TensorFlow)
+from dynamixer_jax import cli, hugepages  # noqa: E402  (light: no jax, no TensorFlow)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py (typed arguments after a colon: "
@@ -116,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()  # XLA:CPU's step buffers in huge pages
   app.run(main, flags_parser=_parse_flags)

@@ -6,11 +6,12 @@ the datasheet peak of the accelerator, the versions of the stack, and whether th
 """
 
 import importlib
+import os
 import platform
 import sys
 from typing import Optional
 
-from dynamixer_jax import cli
+from dynamixer_jax import cli, hugepages
 
 PROG = "python -m dynamixer_jax.doctor"
 STACK = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "einops", "clu")
@@ -51,6 +52,9 @@ def report() -> list[str]:
   lines.append("input       " + ", ".join(f"{n} {_version(n)}" for n in INPUT_STACK))
   lines.append("optional    torch " + _version("torch") + " (only to read official .pth files)")
   lines.append(_tensorflow_devices())
+  lines.append("huge pages  " + hugepages.status(os.environ, sys.platform, hugepages.thp_mode(),
+                                                 hugepages.glibc_version())[1]
+               + " (XLA:CPU's step buffers; see dynamixer_jax/hugepages.py)")
   return lines
 
 
@@ -80,4 +84,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()
   cli.run(main, PROG)

@@ -8,7 +8,7 @@ masked, preprocessed as the checkpoint's metadata says (its ``EvalPreprocessing`
 import json
 from typing import Any, Optional
 
-from dynamixer_jax import cli
+from dynamixer_jax import cli, hugepages
 
 PROG = "python -m dynamixer_jax.evaluate"
 
@@ -88,4 +88,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()
   cli.run(main, PROG)

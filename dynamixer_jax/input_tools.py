@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
-from dynamixer_jax import preprocessing
+from dynamixer_jax import hugepages, preprocessing
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 20, "throughput: batches to time (after 2 warm-up).")
@@ -158,4 +158,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()
   app.run(main)

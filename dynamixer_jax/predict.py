@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from dynamixer_jax import cli
+from dynamixer_jax import cli, hugepages
 
 PROG = "python -m dynamixer_jax.predict"
 
@@ -111,4 +111,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_huge_pages()
   cli.run(main, PROG)

@@ -215,6 +215,7 @@ def test_doctor_reports_the_machine():
                           text=True, timeout=300,
                           env=dict(__import__("os").environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
-  for field in ("python ", "cpu ", "jax ", "bfloat16 ", "stack ", "input ", "tf.data "):
+  for field in ("python ", "cpu ", "jax ", "bfloat16 ", "stack ", "input ", "tf.data ",
+                "huge pages "):
     assert f"\n{field}" in "\n" + result.stdout, result.stdout
   assert "MISSING" not in result.stdout.split("optional")[0]
