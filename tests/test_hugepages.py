@@ -65,3 +65,12 @@ def test_a_command_restarts_itself_with_the_tunable_and_keeps_the_users_own():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120, check=True).stdout
   assert out.split(" ")[1] == "glibc.malloc.arena_max=8"
+
+
+@pytest.mark.parametrize("path", ["train.py", "dynamixer_jax/benchmark/__main__.py",
+                                  "dynamixer_jax/evaluate.py", "dynamixer_jax/predict.py",
+                                  "dynamixer_jax/doctor.py", "dynamixer_jax/input_tools.py"])
+def test_every_command_that_runs_a_model_restarts_before_anything_else(path):
+  with open(os.path.join(ROOT, path)) as f:
+    main_block = f.read().rpartition('if __name__ == "__main__":')[2]
+  assert main_block.splitlines()[1].strip().startswith("hugepages.restart_with_huge_pages()")
