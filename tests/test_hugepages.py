@@ -16,14 +16,14 @@ LINUX, GLIBC = "linux", (2, 36)
 @pytest.mark.parametrize("env, platform, mode, glibc, helps, says", [
     ({}, LINUX, "madvise", GLIBC, True, "restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, LINUX, "madvise", GLIBC, False, "on ("),
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, LINUX, "madvise", GLIBC, False, "hugetlb=0"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, LINUX, "madvise", GLIBC, False, "off ("),
     ({"DYNAMIXER_HUGE_PAGES": "0"}, LINUX, "madvise", GLIBC, False, "DYNAMIXER_HUGE_PAGES=0"),
     ({}, "darwin", "madvise", None, False, "not Linux with glibc"),
     ({}, LINUX, "madvise", None, False, "not Linux with glibc"),
     ({}, LINUX, "madvise", (2, 31), False, "glibc 2.31 has no glibc.malloc.hugetlb"),
-    ({}, LINUX, "always", GLIBC, False, "are always"),
-    ({}, LINUX, "never", GLIBC, False, "are never"),
-    ({}, LINUX, None, GLIBC, False, "are unknown"),
+    ({}, LINUX, "always", GLIBC, False, "on (the kernel's transparent huge pages are 'always')"),
+    ({}, LINUX, "never", GLIBC, False, "off (the kernel's transparent huge pages are 'never')"),
+    ({}, LINUX, None, GLIBC, False, "are 'unknown'"),
 ])
 def test_status_restarts_only_where_the_tunable_is_missing_and_would_take_effect(
     env, platform, mode, glibc, helps, says):
