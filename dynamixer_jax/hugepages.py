@@ -6,8 +6,8 @@ fresh ``mmap`` and returns it with ``munmap``: every step page-faults all of it 
 at a time. On the 2-core CI machine that was 578k page faults and 2.2 s of kernel time per
 2.7 s step (``strace`` shows one 2.28 GB ``mmap``/``munmap`` pair per step). glibc's tunable
 ``glibc.malloc.hugetlb=1`` (glibc 2.35 or newer) asks the kernel for transparent huge pages on
-such blocks: 1.4-1.8k faults and 1.2-1.3 s per step. glibc reads its tunables only when a process starts,
-so a command restarts itself once with the tunable set; its children inherit it.
+such blocks: 1.4-1.8k faults and 1.2-1.3 s per step. glibc reads its tunables only when a
+process starts, so a command restarts itself once with the tunable set; its children inherit it.
 
 Only on Linux with glibc and transparent huge pages in ``madvise`` mode (with ``always`` the
 kernel does it already; with ``never`` nothing can). ``DYNAMIXER_HUGE_PAGES=0`` leaves the
