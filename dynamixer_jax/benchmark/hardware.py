@@ -86,11 +86,16 @@ def bf16_native(device) -> str:
   return "no (emulated in float32)"
 
 
+def matmul_size(platform: str) -> int:
+  """The side of the square matmul that measures a peak: big enough to saturate the device."""
+  return 1024 if platform == "cpu" else 8192
+
+
 def measure_matmul_tflops(dtype=jnp.bfloat16, size: Optional[int] = None,
                           repeats: int = 5) -> float:
   """The TFLOP/s of a square matmul on the default device, measured now (the peak for MFU)."""
   device = jax.devices()[0]
-  size = size or (8192 if device.platform != "cpu" else 1024)
+  size = size or matmul_size(device.platform)
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)

@@ -11,7 +11,9 @@ round's ratio is printed.
 
 MFU = 3 x forward FLOPs x images/s / peak (the train step is counted as 3 forwards; inference
 as 1). The peak is ``--peak_tflops`` if given, else the datasheet bf16 peak of a known
-accelerator (``hardware.py``); on CPUs and unknown devices MFU is n/a.
+accelerator (``hardware.py``), else (CPUs, unknown devices) the best rate of a square matmul in
+the step's dtype measured after each round. The official model's FLOP rate is put against the
+same peak: a side that already runs near it leaves the other little to gain, whatever its code.
 """
 
 import argparse
@@ -38,6 +40,9 @@ from dynamixer_jax.train import configlib, optim, sharding, steps
 
 PROG = "python -m dynamixer_jax.benchmark"
 # A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
+# The train step (forward, backward, update) counted as 3 forwards; the augmentation has no
+# model FLOPs.
+FORWARDS_PER_STEP = {"train": 3, "infer": 1}
 TINY_OVERRIDES = dict(image_size=32, patch_size=4, num_classes=10, entries=[
     [1, 16, 2, 2, 3.0, True], [1, 32, 4, 2, 3.0, False]])
 
@@ -69,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="shard as train.py does over a device mesh, e.g. data=8 or data=4,fsdp=2 "
                "(default: one device, no sharding)")
   cli.add(p, "peak_tflops", type=float, default=None,
-          help="peak TFLOP/s for MFU (default: the datasheet bf16 peak of a known accelerator; "
-               "none on CPUs and unknown devices)")
+          help="peak TFLOP/s for MFU (default: the datasheet bf16 peak of a known accelerator, "
+               "else a matmul in the step's dtype measured in the run)")
   cli.add(p, "suite", action="store_true",
           help="the one-shot device check (suite.py): S/M/L and Mixer-B/16, train and infer, "
                "bfloat16, memory levers, a 200-step run on real data; one markdown table")
@@ -274,15 +279,23 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
 
 
 def benchmark_jax(args: argparse.Namespace,
-                  between_rounds: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+                  between_rounds: Optional[Callable[[], None]] = None,
+                  measure_peak: bool = True) -> dict[str, Any]:
   """Every figure of one JAX measurement (see ``report`` for what they mean), timed in
   ``args.rounds`` rounds; ``between_rounds()`` runs after each one (the other side of an
-  alternating comparison). images/s is the median of the rounds' medians."""
+  alternating comparison). images/s is the median of the rounds' medians. Without a given or
+  datasheet peak, ``measure_peak`` times a matmul after each round and keeps the best."""
   start = time.perf_counter()
   setup = _setup(args)
   jax.block_until_ready(setup.state)
   setup_s = time.perf_counter() - start
   run, compiled, compile_s = _compile(args, setup)
+  device = jax.devices()[0]
+  peak, peak_source = args.peak_tflops, "--peak_tflops"
+  if peak is None:
+    peak = hardware.datasheet_peak_tflops(device.device_kind)
+    peak_source = f"datasheet bf16 peak of {device.device_kind}"
+  matmul_rates = []
   round_rates, rates, times, warmup_s, faults = [], [], [], None, []
   for _ in range(args.rounds):
     # Every round starts warm, as each torch round does in its own process: after the other
@@ -299,9 +312,15 @@ def benchmark_jax(args: argparse.Namespace,
     round_rates.append(statistics.median(r))
     rates += r
     times += t
+    if peak is None and measure_peak:
+      matmul_rates.append(hardware.measure_matmul_tflops(jnp.dtype(args.dtype), repeats=10))
     if between_rounds:
       between_rounds()
-  device = jax.devices()[0]
+  if matmul_rates:
+    peak = max(matmul_rates)
+    side = hardware.matmul_size(device.platform)
+    peak_source = (f"best {args.dtype} {side}x{side} matmul of {len(matmul_rates)} round(s), "
+                   "measured in this run")
   temp_bytes, step_bytes = xla_memory(compiled)
   try:
     fwd_flops = flops.forward_flops(setup.model)
@@ -309,12 +328,7 @@ def benchmark_jax(args: argparse.Namespace,
     print(f"No FLOP count, so no MFU: {e}", file=sys.stderr)
     fwd_flops = None
   images_per_s = statistics.median(round_rates)
-  # The model's FLOPs: none in the augmentation alone.
-  achieved = {"train": 3, "infer": 1}.get(args.mode, 0) * (fwd_flops or 0) * images_per_s
-  peak, peak_source = args.peak_tflops, "--peak_tflops"
-  if peak is None:
-    peak = hardware.datasheet_peak_tflops(device.device_kind)
-    peak_source = f"datasheet bf16 peak of {device.device_kind}"
+  achieved = FORWARDS_PER_STEP.get(args.mode, 0) * (fwd_flops or 0) * images_per_s
   return dict(
       framework="jax", model=args.model, overrides=model_overrides(args), mode=args.mode,
       dtype=args.dtype, batch=args.batch, image_size=setup.model.image_size,
@@ -388,7 +402,7 @@ def report(result: dict[str, Any]) -> str:
       f"  achieved        "
       f"{_fmt(result['achieved_tflops'] and result['achieved_tflops'] * 1e3, '.1f', ' GFLOP/s')}",
       f"  MFU             {_fmt(result['mfu'] and result['mfu'] * 100, '.2f', ' %')}"
-      + (f" of {result['peak_tflops']} TFLOP/s ({result['peak_source']})"
+      + (f" of {result['peak_tflops']:.4g} TFLOP/s ({result['peak_source']})"
          if result["peak_tflops"] else " (no peak: pass --peak_tflops)"),
   ]
   for key in ("torch_eager", "torch_compile"):
@@ -396,6 +410,10 @@ def report(result: dict[str, Any]) -> str:
     if ref:
       lines.append(f"  {key:<15} {ref['images_per_s']:.2f} images/s (torch {ref['torch_version']},"
                    f" {ref['threads']} threads); JAX/torch = {result['ratio_' + key]:.2f}x")
+      if ref.get("mfu"):
+        lines.append(f"  {'':<15} {ref['achieved_tflops'] * 1e3:.1f} GFLOP/s = MFU "
+                     f"{ref['mfu'] * 100:.1f} %: at the peak, JAX/torch would be "
+                     f"{1 / ref['mfu']:.2f}x")
       per_round = result.get("ratio_" + key + "_rounds", [])
       if len(per_round) > 1:
         lines.append(f"  {'':<15} alternated in {len(per_round)} rounds; JAX/torch per round: "
@@ -443,4 +461,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
     result["ratio_" + key + "_rounds"] = [
         j / t for j, t in zip(result["images_per_s_rounds"], rates)]
+    flops_per_s = (FORWARDS_PER_STEP.get(args.mode, 0)
+                   * (result["forward_flops_per_image"] or 0) * ref["images_per_s"])
+    ref["achieved_tflops"] = flops_per_s / 1e12 if flops_per_s else None
+    peak = result["peak_tflops"]
+    ref["mfu"] = flops_per_s / (peak * 1e12) if peak and flops_per_s else None
   return result
