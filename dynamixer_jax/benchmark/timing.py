@@ -39,10 +39,10 @@ from dynamixer_jax.benchmark import flops, hardware
 from dynamixer_jax.train import configlib, optim, sharding, steps
 
 PROG = "python -m dynamixer_jax.benchmark"
-# A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
 # The train step (forward, backward, update) counted as 3 forwards; the augmentation has no
 # model FLOPs.
 FORWARDS_PER_STEP = {"train": 3, "infer": 1}
+# A two-entry DynaMixer on 32 px images: every code path of the full model, in seconds.
 TINY_OVERRIDES = dict(image_size=32, patch_size=4, num_classes=10, entries=[
     [1, 16, 2, 2, 3.0, True], [1, 32, 4, 2, 3.0, False]])
 
