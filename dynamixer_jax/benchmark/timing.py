@@ -278,6 +278,16 @@ def _compile(args: argparse.Namespace, setup: _Setup) -> tuple[Callable[[], Any]
   return run, compiled, time.perf_counter() - start
 
 
+def flop_rate(mode: str, forward_flops: Optional[float], images_per_s: float,
+              peak_tflops: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+  """(TFLOP/s, MFU) of a side running at ``images_per_s``; None where a figure is missing (no
+  FLOP count, no peak, or the augmentation, which has no model FLOPs)."""
+  flops_per_s = FORWARDS_PER_STEP.get(mode, 0) * (forward_flops or 0) * images_per_s
+  if not flops_per_s:
+    return None, None
+  return flops_per_s / 1e12, (flops_per_s / (peak_tflops * 1e12) if peak_tflops else None)
+
+
 def benchmark_jax(args: argparse.Namespace,
                   between_rounds: Optional[Callable[[], None]] = None,
                   measure_peak: bool = True) -> dict[str, Any]:
@@ -328,7 +338,7 @@ def benchmark_jax(args: argparse.Namespace,
     print(f"No FLOP count, so no MFU: {e}", file=sys.stderr)
     fwd_flops = None
   images_per_s = statistics.median(round_rates)
-  achieved = FORWARDS_PER_STEP.get(args.mode, 0) * (fwd_flops or 0) * images_per_s
+  achieved_tflops, mfu = flop_rate(args.mode, fwd_flops, images_per_s, peak)
   return dict(
       framework="jax", model=args.model, overrides=model_overrides(args), mode=args.mode,
       dtype=args.dtype, batch=args.batch, image_size=setup.model.image_size,
@@ -346,9 +356,9 @@ def benchmark_jax(args: argparse.Namespace,
       xla_step_bytes=step_bytes,
       grad_accum_steps=args.grad_accum_steps, mesh=args.mesh or None,
       device_augment=not args.no_device_augment,
-      forward_flops_per_image=fwd_flops, achieved_tflops=achieved / 1e12 if achieved else None,
+      forward_flops_per_image=fwd_flops, achieved_tflops=achieved_tflops,
       peak_tflops=peak, peak_source=peak_source if peak else None,
-      cpu=hardware.cpu_description(), mfu=achieved / (peak * 1e12) if peak and achieved else None,
+      cpu=hardware.cpu_description(), mfu=mfu,
       backend=jax.default_backend(), device=str(device.device_kind),
       device_count=jax.device_count(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
       flax_version=flax.__version__, optax_version=optax.__version__,
@@ -461,9 +471,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["ratio_" + key] = result["images_per_s"] / ref["images_per_s"]
     result["ratio_" + key + "_rounds"] = [
         j / t for j, t in zip(result["images_per_s_rounds"], rates)]
-    flops_per_s = (FORWARDS_PER_STEP.get(args.mode, 0)
-                   * (result["forward_flops_per_image"] or 0) * ref["images_per_s"])
-    ref["achieved_tflops"] = flops_per_s / 1e12 if flops_per_s else None
-    peak = result["peak_tflops"]
-    ref["mfu"] = flops_per_s / (peak * 1e12) if peak and flops_per_s else None
+    ref["achieved_tflops"], ref["mfu"] = flop_rate(
+        args.mode, result["forward_flops_per_image"], ref["images_per_s"], result["peak_tflops"])
   return result
