@@ -139,6 +139,22 @@ def test_datasheet_peaks_name_only_known_devices():
   assert hardware.datasheet_peak_tflops("NVIDIA RTX 9999 Mystery") is None  # never "an H100"
 
 
+def test_cpu_model_names_the_microarchitecture_behind_a_generic_name():
+  from dynamixer_jax.benchmark import hardware  # pylint: disable=g-import-not-at-top
+  amd = {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC"}
+  assert hardware.cpu_model({**amd, "cpu family": "23", "model": "1"}) == (
+      "AMD EPYC (family 23 model 1: Zen 1)")
+  assert hardware.cpu_model({**amd, "cpu family": "25", "model": "17"}).endswith(": Zen 4)")
+  assert hardware.cpu_model({**amd, "cpu family": "26", "model": "2"}).endswith(": Zen 5)")
+  xeon = {"vendor_id": "GenuineIntel", "model name": "Intel(R) Xeon(R) Processor",
+          "cpu family": "6", "model": "143"}
+  assert hardware.cpu_model(xeon).endswith("(family 6 model 143: Sapphire Rapids)")
+  # An unknown model keeps its numbers and gets no name; without the fields, just the name.
+  assert hardware.cpu_model({**amd, "cpu family": "99", "model": "3"}) == (
+      "AMD EPYC (family 99 model 3)")
+  assert hardware.cpu_model({"model name": "Some CPU"}) == "Some CPU"
+
+
 def _fake_row(case) -> dict:
   return dict(model=case.model, mode=case.mode, batch=case.batch, images_per_s=100.0,
               step_time_s=0.01, setup_time_s=1.0, compile_time_s=2.0, xla_temp_bytes=2**30,

@@ -33,6 +33,25 @@ DATASHEET_BF16_TFLOPS = (
     ("TPU v5", 459.0),
     ("TPU v4", 275.0),
 )
+# Cloud VMs name their CPU "AMD EPYC" or "Intel(R) Xeon(R) Processor" whatever the generation, yet
+# the CI kind's 2-core EPYCs ran a float32 matmul at 57-71 (Zen 1), ~190 (Zen 4: AVX-512 on 256-bit
+# units) and 390-440 GFLOP/s (2026-12-05's AVX-512 EPYC). The (vendor, family, models) of
+# /proc/cpuinfo name the microarchitecture, so that rows of one kind compare with each other.
+MICROARCHITECTURES = (
+    ("AuthenticAMD", 23, range(0x00, 0x30), "Zen 1"),  # Zen and Zen+ (Naples, Pinnacle Ridge)
+    ("AuthenticAMD", 23, range(0x30, 0x100), "Zen 2"),  # Rome, Matisse, Renoir
+    ("AuthenticAMD", 25, range(0x00, 0x10), "Zen 3"),  # Milan
+    ("AuthenticAMD", 25, range(0x10, 0x20), "Zen 4"),  # Genoa
+    ("AuthenticAMD", 25, range(0x20, 0x60), "Zen 3"),  # Vermeer, Rembrandt, Cezanne
+    ("AuthenticAMD", 25, range(0x60, 0x80), "Zen 4"),  # Raphael, Phoenix
+    ("AuthenticAMD", 25, range(0xa0, 0xb0), "Zen 4"),  # Bergamo, Siena
+    ("AuthenticAMD", 26, range(0x00, 0x100), "Zen 5"),  # Turin, Granite Ridge
+    ("GenuineIntel", 6, (0x55,), "Skylake-SP/Cascade Lake"),
+    ("GenuineIntel", 6, (0x6a, 0x6c), "Ice Lake-SP"),
+    ("GenuineIntel", 6, (0x8f,), "Sapphire Rapids"),
+    ("GenuineIntel", 6, (0xcf,), "Emerald Rapids"),
+    ("GenuineIntel", 6, (0xad, 0xae), "Granite Rapids"),
+)
 EXTENSIONS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
               ("amx_tile", "AMX"), ("amx_bf16", "AMX-BF16"), ("asimd", "NEON"), ("sve", "SVE"))
 
@@ -49,9 +68,24 @@ def _cpuinfo() -> dict[str, str]:
   return info
 
 
-def cpu_model() -> str:
-  info = _cpuinfo()
-  return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+def microarchitecture(info: dict[str, str]) -> Optional[str]:
+  """e.g. 'family 25 model 17: Zen 4' from /proc/cpuinfo's fields, None without them."""
+  try:
+    family, model = int(info["cpu family"]), int(info["model"])
+  except (KeyError, ValueError):
+    return None
+  for vendor, known_family, models, name in MICROARCHITECTURES:
+    if info.get("vendor_id") == vendor and family == known_family and model in models:
+      return f"family {family} model {model}: {name}"
+  return f"family {family} model {model}"
+
+
+def cpu_model(info: Optional[dict[str, str]] = None) -> str:
+  """The CPU's name, with its family, model and microarchitecture where /proc/cpuinfo has them."""
+  info = _cpuinfo() if info is None else info
+  name = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+  arch = microarchitecture(info)
+  return f"{name} ({arch})" if arch else name
 
 
 def vector_extensions() -> list[str]:
