@@ -88,15 +88,17 @@ def cpu_model(info: Optional[dict[str, str]] = None) -> str:
   return f"{name} ({arch})" if arch else name
 
 
-def vector_extensions() -> list[str]:
-  flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
+def vector_extensions(info: Optional[dict[str, str]] = None) -> list[str]:
+  info = _cpuinfo() if info is None else info
+  flags = set((info.get("flags") or info.get("Features") or "").split())
   return [name for flag, name in EXTENSIONS if flag in flags]
 
 
 def cpu_description() -> str:
-  """e.g. 'Intel(R) Xeon(R) Processor, 2 cores, AVX2 AVX-512 AMX'."""
-  extensions = " ".join(vector_extensions()) or "no AVX2/AVX-512/AMX"
-  return f"{cpu_model()}, {preprocessing.host_cores()} cores, {extensions}"
+  """e.g. 'AMD EPYC (family 25 model 17: Zen 4), 2 cores, AVX2 AVX-512 AVX512-BF16'."""
+  info = _cpuinfo()
+  extensions = " ".join(vector_extensions(info)) or "no AVX2/AVX-512/AMX"
+  return f"{cpu_model(info)}, {preprocessing.host_cores()} cores, {extensions}"
 
 
 def datasheet_peak_tflops(device_kind: str) -> Optional[float]:
