@@ -30,7 +30,8 @@ def test_light_modules_import_no_tensorflow():
           "             if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'))\n"
           "print(bad)\n"
           "assert not bad, bad\n")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

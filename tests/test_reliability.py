@@ -486,7 +486,7 @@ def test_the_lease_of_a_workdir_without_os_locks(tmp_path):
       lease().__enter__()
   assert not path.exists()
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
-  dead.wait()
+  dead.wait(timeout=60)
   import socket  # pylint: disable=g-import-not-at-top
   path.write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started=now,
                                   heartbeat=now)))
