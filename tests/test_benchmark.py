@@ -134,6 +134,9 @@ def test_datasheet_peaks_name_only_known_devices():
   assert hardware.datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert hardware.datasheet_peak_tflops("NVIDIA H200") == 989.4
   assert hardware.datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert hardware.datasheet_peak_tflops("NVIDIA B200") == 2250.0
+  assert hardware.datasheet_peak_tflops("NVIDIA GB200") == 2500.0  # not the B200 entry
+  assert hardware.datasheet_peak_tflops("NVIDIA L40") == 181.0  # not the L4 entry
   assert hardware.datasheet_peak_tflops("TPU v5 lite") == 197.0
   assert hardware.datasheet_peak_tflops("TPU v5p") == 459.0
   assert hardware.datasheet_peak_tflops("cpu") is None

@@ -20,10 +20,13 @@ DATASHEET_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),  # NVIDIA H100 PCIe
     ("H100 NVL", 835.0),
     ("H100", 989.4),  # NVIDIA H100 SXM5 (device_kind 'NVIDIA H100 80GB HBM3')
-    ("H200", 989.4),  # NVIDIA H200 SXM (the H100's compute, more memory)
     ("GH200", 989.4),
+    ("H200", 989.4),  # NVIDIA H200 SXM (the H100's compute, more memory)
+    ("GB200", 2500.0),  # one Blackwell GPU of a GB200 superchip (1,200 W)
+    ("B200", 2250.0),  # NVIDIA HGX B200 (1,000 W)
     ("A100", 312.0),  # NVIDIA A100 SXM and PCIe
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10G", 70.0),  # the AWS variant of the A10
     ("A10", 125.0),
