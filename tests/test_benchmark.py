@@ -12,6 +12,8 @@ from conftest import FAST_COMPILE
 from dynamixer_jax import hugepages
 from dynamixer_jax.benchmark import timing as benchmark
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FIELDS = {
     "framework", "model", "overrides", "mode", "dtype", "batch", "image_size", "num_classes",
     "params", "steps", "repeats", "warmup", "images_per_s", "images_per_s_min",
@@ -224,20 +226,23 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
 
 @pytest.mark.slow
 def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
-  """``--suite --tiny``: every part of the device check, on the CPU, in a child process."""
-  path = tmp_path / "suite.json"
+  """``.ci/device_check OUT --tiny``: the machine's description, then every part of the device
+  check (``--suite --tiny``) on the CPU, its log, table and JSON in OUT."""
   # FAST_COMPILE: a smoke test of the table, not a timing.
-  result = subprocess.run([sys.executable, "-m", "dynamixer_jax.benchmark", "--suite", "--tiny",
-                           "--json", str(path)], capture_output=True, text=True, timeout=600,
-                          env=dict(__import__("os").environ, XLA_FLAGS=FAST_COMPILE,
-                                   JAX_PLATFORMS="cpu"))
-  assert result.returncode == 0, result.stderr[-3000:]
-  table = json.loads(path.read_text())["table"]
+  result = subprocess.run(["bash", os.path.join(ROOT, ".ci", "device_check"), str(tmp_path),
+                           "--tiny"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu",
+                                   PYTHON=sys.executable))
+  assert result.returncode == 0, result.stdout[-3000:]
+  machine = (tmp_path / "machine.txt").read_text()
+  assert "\njax " in machine and "\ncpu " in machine, machine
+  table = json.loads((tmp_path / "suite.json").read_text())["table"]
   assert "bf16 matmul peak measured now" in table and "| dynamixer_s (tiny) | train |" in table
+  assert f"XLA_FLAGS={FAST_COMPILE}" in table  # flags change what is measured: the table says so
   assert "| dynamixer_s train b4 | model.remat=True |" in table
   assert "| dynamixer_s (tiny) | augment | 4 |" in table
   assert "loss by step: 2: " in table and "held-out top-1 after 20 steps" in table
-  assert table in result.stdout
+  assert table in result.stdout and table in (tmp_path / "suite.log").read_text()
 
 
 @pytest.mark.slow

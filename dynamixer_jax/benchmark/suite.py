@@ -216,6 +216,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
       f"host {hardware.cpu_description()}",
       f"bf16 matmul peak measured now: {measured:.1f} TFLOP/s; datasheet: "
       + (f"{datasheet:g} TFLOP/s" if datasheet else "unknown device, none")]
+  if os.environ.get("XLA_FLAGS"):  # they change what is measured (e.g. cuBLAS instead of Triton)
+    check.header.append(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
   check.log(" / ".join(check.header))
   with_torch = _speed_rows(check, measured)
   _training_run(check)
