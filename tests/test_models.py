@@ -157,6 +157,42 @@ def test_train_applies_stochastic_depth_and_eval_is_deterministic():
   assert not np.allclose(train(3), eval_a)
 
 
+def _primitive_count(jaxpr, name: str) -> int:
+  """How often primitive ``name`` occurs in a jaxpr, nested jaxprs (jit, remat) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _primitive_count(inner, name)
+  return count
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_stochastic_depth_draws_once_per_network_at_the_rate(remat):
+  """One random draw for every block's two branches (one random program to compile instead of
+  one per branch), each example's branch dropped at its block's rate and survivors scaled."""
+  model = models.DynaMixer(**TINY, drop_path_rate=0.3, remat=remat)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  jaxpr = jax.make_jaxpr(lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))(
+      variables, jax.random.PRNGKey(1)).jaxpr
+  assert _primitive_count(jaxpr, "random_bits") == 1
+  uniform = jnp.linspace(0.0, 0.99, 100)
+  y = layers.drop_path(jnp.ones((100, 3, 3, 2)), 0.3, uniform)
+  np.testing.assert_allclose(y[:, 0, 0, 0], np.where(uniform < 0.7, 1 / 0.7, 0.0), rtol=1e-6)
+  assert layers.drop_path(y, 0.0, uniform) is y and layers.drop_path(y, 0.3, None) is y
+  # A block used on its own still applies stochastic depth from the 'dropout' rng.
+  block = models.DynaMixerBlock(4, 2, drop_path_rate=0.5)
+  tokens = jax.random.normal(jax.random.PRNGKey(2), (64, 8, 8, 32))
+  params = block.init(jax.random.PRNGKey(3), tokens)
+  out = block.apply(params, tokens, train=True, rngs={"dropout": jax.random.PRNGKey(4)})
+  both_dropped = np.all(out == tokens, axis=(1, 2, 3))  # the residual alone: P = 0.25
+  assert 4 <= both_dropped.sum() <= 32, both_dropped.sum()
+
+
 def test_gradients_are_finite():
   model = models.DynaMixer(**TINY, drop_path_rate=0.1)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))

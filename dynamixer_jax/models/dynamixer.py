@@ -6,15 +6,15 @@ PyTorch's ``network.0.1`` becoming ``network_0_1``) so that ``convert.py`` is a 
 Numerics follow it too: LayerNorm epsilon 1e-5, exact (erf) GELU, no bias on the channel branch.
 """
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (DropPath, check_images, drop_path_rates, exact_gelu,
-                                         torch_conv_bias_init, torch_conv_kernel_init,
+from dynamixer_jax.models.layers import (check_images, drop_path, drop_path_draws, drop_path_rates,
+                                         exact_gelu, torch_conv_bias_init, torch_conv_kernel_init,
                                          torch_linear_kernel_init)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
@@ -157,15 +157,20 @@ class DynaMixerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               drop_draws: Optional[jax.Array] = None) -> jax.Array:
+    """``drop_draws``: (2, batch) U[0, 1) draws for the two branches' stochastic depth (the
+    network passes its own); in training without them the block draws from ``'dropout'``."""
     channels = x.shape[-1]
-    drop_path = DropPath(self.drop_path_rate)
+    if drop_draws is None or not train:
+      drop_draws = drop_path_draws(self, (2, x.shape[0]), train, self.drop_path_rate)
+    draw = lambda i: None if drop_draws is None else drop_draws[i]
     y = _layer_norm(self.dtype, "norm1", x)
     y = TokenMixing(self.segments, self.reduced_dim, self.dtype, name="attn")(y)
-    x = x + drop_path(y, train)
+    x = x + drop_path(y, self.drop_path_rate, draw(0))
     y = _layer_norm(self.dtype, "norm2", x)
     y = Mlp(int(channels * self.mlp_ratio), channels, self.dtype, name="mlp")(y)
-    return x + drop_path(y, train)
+    return x + drop_path(y, self.drop_path_rate, draw(1))
 
 
 class DynaMixer(nn.Module):
@@ -211,16 +216,20 @@ class DynaMixer(nn.Module):
     check_images(images, self.patch_size, self.in_channels, self.image_size, "DynaMixer")
     self.token_grids()
     entries = list(self.entries)
-    rates = iter(drop_path_rates(self.drop_path_rate, sum(e.depth for e in entries)))
+    num_blocks = sum(e.depth for e in entries)
+    rates = iter(drop_path_rates(self.drop_path_rate, num_blocks))
+    draws = drop_path_draws(self, (num_blocks, 2, images.shape[0]), train, self.drop_path_rate)
 
     # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
     block = nn.remat(DynaMixerBlock, static_argnums=(2,)) if self.remat else DynaMixerBlock
     x = PatchConv(entries[0].width, self.patch_size, self.dtype, name="patch_embed")(images)
-    index = 0  # position in the official ``network`` ModuleList
+    index, k = 0, 0  # position in the official ``network`` ModuleList; block number
     for i, entry in enumerate(entries):
       for j in range(entry.depth):
+        draw = None if draws is None else draws[k]
         x = block(entry.segments, entry.reduced_dim, entry.mlp_ratio, next(rates),
-                           self.dtype, name=f"network_{index}_{j}")(x, train)
+                  self.dtype, name=f"network_{index}_{j}")(x, train, draw)
+        k += 1
       index += 1
       if i + 1 < len(entries) and (entry.transition or entry.width != entries[i + 1].width):
         x = PatchConv(entries[i + 1].width, 2 if entry.transition else 1, self.dtype,

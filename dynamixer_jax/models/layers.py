@@ -8,21 +8,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class DropPath(nn.Module):
+def drop_path(x: jax.Array, rate: float, uniform: Optional[jax.Array]) -> jax.Array:
   """Stochastic depth: drops a whole residual branch per example, scaling survivors by 1/keep.
 
-  This is dropout whose mask is shared by every element of one example, so it draws from
-  the ``'dropout'`` rng like any Flax dropout.
+  ``uniform`` holds one U[0, 1) draw per example, None where nothing drops (evaluation).
   """
+  if rate == 0.0 or uniform is None:
+    return x
+  keep = 1.0 - rate
+  scale = jnp.where(uniform < keep, 1.0 / keep, 0.0).astype(x.dtype)
+  return x * scale.reshape(-1, *(1,) * (x.ndim - 1))
 
-  rate: float
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.rate == 0.0:
-      return x
-    per_example = tuple(range(1, x.ndim))
-    return nn.Dropout(self.rate, broadcast_dims=per_example)(x, deterministic=not train)
+def drop_path_draws(module: nn.Module, shape: Sequence[int], train: bool,
+                    rate: float) -> Optional[jax.Array]:
+  """The U[0, 1) draws of ``drop_path`` from the ``'dropout'`` rng, None where nothing can drop.
+
+  A model draws them for all its blocks at once (``(blocks, 2, batch)``): one random-number
+  program instead of one per residual branch, whose 36 copies took 2.8 s of the 16 s compile of
+  a DynaMixer-S train step on a 2-core CPU.
+  """
+  if not train or rate == 0.0:
+    return None
+  return jax.random.uniform(module.make_rng("dropout"), tuple(shape))
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import DropPath, check_images, drop_path_rates
+from dynamixer_jax.models.layers import check_images, drop_path, drop_path_draws, drop_path_rates
 
 
 class MlpBlock(nn.Module):
@@ -37,16 +37,20 @@ class MixerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    drop_path = DropPath(self.drop_path_rate)
+  def __call__(self, x: jax.Array, train: bool = False,
+               drop_draws: Optional[jax.Array] = None) -> jax.Array:
+    """``drop_draws`` as in ``DynaMixerBlock``: the network's draws for this block's branches."""
+    if drop_draws is None or not train:
+      drop_draws = drop_path_draws(self, (2, x.shape[0]), train, self.drop_path_rate)
+    draw = lambda i: None if drop_draws is None else drop_draws[i]
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)
     y = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype, name="token_mixing")(y)
     y = jnp.swapaxes(y, 1, 2)
-    x = x + drop_path(y, train)
+    x = x + drop_path(y, self.drop_path_rate, draw(0))
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, dtype=self.dtype, name="channel_mixing")(y)
-    return x + drop_path(y, train)
+    return x + drop_path(y, self.drop_path_rate, draw(1))
 
 
 class MlpMixer(nn.Module):
@@ -77,9 +81,11 @@ class MlpMixer(nn.Module):
     x = einops.rearrange(x, "n h w c -> n (h w) c")
     # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
     block = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
+    draws = drop_path_draws(self, (self.num_blocks, 2, images.shape[0]), train,
+                            self.drop_path_rate)
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype,
-                     name=f"MixerBlock_{i}")(x, train)
+                name=f"MixerBlock_{i}")(x, train, None if draws is None else draws[i])
     x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0:
