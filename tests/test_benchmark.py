@@ -212,6 +212,9 @@ def test_the_device_check_goes_on_past_a_failure_and_stops_at_its_budget(tmp_pat
   assert "| 25.0 | 50.0 | 2.00x |" in table  # JAX over the best official mode
   assert "| mixer_b16 | infer | 256 |" in table and "| n/a | n/a | n/a |" in table
   assert "| dynamixer_l train b128 | model.remat=True | 1.00 | 2.00 | 10.0 |" in table
+  # The memory row without a lever is the L train row: its figures, not a second compile.
+  assert "| dynamixer_l train b128 | none (the train row above) | 1.00 | 2.00 | 10.0 |" in table
+  assert calls.count("jax dynamixer_l train") == 3  # the speed row, remat, accumulation
   assert "held-out top-1 after 200 steps: 99.00 % (raw), 98.50 % (EMA)" in table
   assert json.loads(path.read_text())["table"] == table
   assert "start: mixer_b16 infer (JAX)" in capsys.readouterr().err
@@ -248,6 +251,7 @@ def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   assert "bf16 matmul peak measured now" in table and "| dynamixer_s (tiny) | train |" in table
   assert f"XLA_FLAGS={FAST_COMPILE}" in table  # flags change what is measured: the table says so
   assert "| dynamixer_s train b4 | model.remat=True |" in table
+  assert "| dynamixer_s train b4 | none (the train row above) |" in table
   assert "| dynamixer_s (tiny) | augment | 4 |" in table
   assert "loss by step: 2: " in table and "held-out top-1 after 20 steps" in table
   assert table in result.stdout and table in (tmp_path / "suite.log").read_text()
