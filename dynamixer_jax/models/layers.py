@@ -25,8 +25,8 @@ def drop_path_draws(module: nn.Module, shape: Sequence[int], train: bool,
   """The U[0, 1) draws of ``drop_path`` from the ``'dropout'`` rng, None where nothing can drop.
 
   A model draws them for all its blocks at once (``(blocks, 2, batch)``): one random-number
-  program instead of one per residual branch, whose 36 copies took 2.8 s of the 16 s compile of
-  a DynaMixer-S train step on a 2-core CPU.
+  program instead of one per residual branch (34 in DynaMixer-S), which took its train
+  step's compile on a 2-core CPU from 27.4 to 23.0 s in bfloat16 (README, device check).
   """
   if not train or rate == 0.0:
     return None
