@@ -255,5 +255,3 @@ def test_the_device_check_suite_runs_with_tiny_settings(tmp_path):
   assert "| dynamixer_s (tiny) | augment | 4 |" in table
   assert "loss by step: 2: " in table and "held-out top-1 after 20 steps" in table
   assert table in result.stdout and table in (tmp_path / "suite.log").read_text()
-
-
