@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (check_images, drop_path, drop_path_draws, drop_path_rates,
-                                         exact_gelu, torch_conv_bias_init, torch_conv_kernel_init,
-                                         torch_linear_kernel_init)
+from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path, drop_path_draws,
+                                         drop_path_rates, exact_gelu, torch_conv_bias_init,
+                                         torch_conv_kernel_init, torch_linear_kernel_init)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
 
@@ -162,15 +162,13 @@ class DynaMixerBlock(nn.Module):
     """``drop_draws``: (2, batch) U[0, 1) draws for the two branches' stochastic depth (the
     network passes its own); in training without them the block draws from ``'dropout'``."""
     channels = x.shape[-1]
-    if drop_draws is None or not train:
-      drop_draws = drop_path_draws(self, (2, x.shape[0]), train, self.drop_path_rate)
-    draw = lambda i: None if drop_draws is None else drop_draws[i]
+    first, second = branch_draws(self, drop_draws, x.shape[0], train, self.drop_path_rate)
     y = _layer_norm(self.dtype, "norm1", x)
     y = TokenMixing(self.segments, self.reduced_dim, self.dtype, name="attn")(y)
-    x = x + drop_path(y, self.drop_path_rate, draw(0))
+    x = x + drop_path(y, self.drop_path_rate, first)
     y = _layer_norm(self.dtype, "norm2", x)
     y = Mlp(int(channels * self.mlp_ratio), channels, self.dtype, name="mlp")(y)
-    return x + drop_path(y, self.drop_path_rate, draw(1))
+    return x + drop_path(y, self.drop_path_rate, second)
 
 
 class DynaMixer(nn.Module):

@@ -33,6 +33,15 @@ def drop_path_draws(module: nn.Module, shape: Sequence[int], train: bool,
   return jax.random.uniform(module.make_rng("dropout"), tuple(shape))
 
 
+def branch_draws(module: nn.Module, given: Optional[jax.Array], batch: int, train: bool,
+                 rate: float) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+  """A block's draws for its two residual branches: the network's ``given`` (2, batch) draws,
+  else (a block used on its own, in training) its own from the ``'dropout'`` rng."""
+  if given is None or not train:
+    given = drop_path_draws(module, (2, batch), train, rate)
+  return (None, None) if given is None else (given[0], given[1])
+
+
 def exact_gelu(x: jax.Array) -> jax.Array:
   """torch.nn.GELU(): x/2 * (1 + erf(x/sqrt(2))), torch's own formula. ``jax.nn.gelu(x,
   approximate=False)`` computes the same function through erfc, which XLA:CPU expands into both of

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import check_images, drop_path, drop_path_draws, drop_path_rates
+from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path, drop_path_draws,
+                                         drop_path_rates)
 
 
 class MlpBlock(nn.Module):
@@ -40,17 +41,15 @@ class MixerBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False,
                drop_draws: Optional[jax.Array] = None) -> jax.Array:
     """``drop_draws`` as in ``DynaMixerBlock``: the network's draws for this block's branches."""
-    if drop_draws is None or not train:
-      drop_draws = drop_path_draws(self, (2, x.shape[0]), train, self.drop_path_rate)
-    draw = lambda i: None if drop_draws is None else drop_draws[i]
+    first, second = branch_draws(self, drop_draws, x.shape[0], train, self.drop_path_rate)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)
     y = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype, name="token_mixing")(y)
     y = jnp.swapaxes(y, 1, 2)
-    x = x + drop_path(y, self.drop_path_rate, draw(0))
+    x = x + drop_path(y, self.drop_path_rate, first)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, dtype=self.dtype, name="channel_mixing")(y)
-    return x + drop_path(y, self.drop_path_rate, draw(1))
+    return x + drop_path(y, self.drop_path_rate, second)
 
 
 class MlpMixer(nn.Module):
