@@ -525,11 +525,16 @@ def test_out_of_memory_in_the_final_evaluation_keeps_the_last_steps(tmp_path, mo
 @pytest.mark.slow
 def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_path):
   """SIGTERM: the step the run is at is saved (checkpoints every 1000 steps here), exit 143; the
-  interrupted evaluation runs first on resume."""
+  interrupted evaluation runs first on resume, whose steps come from the run's compilation
+  cache."""
   workdir = tmp_path / "run"
+  # The run's own compilation cache (config.compilation_cache_dir='auto' without the tests' shared
+  # one), every program cached however fast it compiled.
+  cache = dict(JAX_COMPILATION_CACHE_DIR="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   # 64 mock examples / 16 = 4 steps an epoch: the evaluation of step 4, held by the fault hook.
   proc, log = _start(workdir, "--config.num_train_steps=12", "--config.eval_every_epochs=1",
-                     "--config.checkpoint_every_steps=1000", DYNAMIXER_FAULTS="eval_pause@4")
+                     "--config.checkpoint_every_steps=1000", DYNAMIXER_FAULTS="eval_pause@4",
+                     **cache)
   _wait_for((workdir / "fault_paused_at_4").exists, proc, "the evaluation of step 4")
   proc.send_signal(signal.SIGTERM)
   code, out = _finish(proc, log)
@@ -540,10 +545,24 @@ def test_sigterm_during_an_evaluation_saves_and_the_resume_runs_it_first(tmp_pat
   state, _ = checkpointing.Checkpointer(str(workdir / "checkpoints")).restore(None, 4)
   assert int(state["step"]) == 4
   assert checkpointing.Checkpointer(str(workdir / "checkpoints")).metadata(4)["pending_eval"]
-  code, out = _run_child(workdir, "--config.num_train_steps=6", "--config.eval_every_epochs=100")
+  assert f"XLA compilation cache: {workdir / 'compile_cache'}" in out
+  assert "read back instead of compiled" not in out  # a new folder: everything compiled
+  def steps_cached():  # the evaluation step was stopped before it compiled
+    return sorted(name for name in os.listdir(workdir / "compile_cache")
+                  if name.startswith(("jit_train_step-", "jit_make_state-")))
+  cached = steps_cached()
+  assert len(cached) == 2, cached
+  code, out = _run_child(workdir, "--config.num_train_steps=6", "--config.eval_every_epochs=100",
+                         "--verbosity=1", JAX_DEBUG_LOG_MODULES="jax._src.compiler", **cache)
   assert code == 0, out[-3000:]
   first_eval = out.index("step 4 eval")
   assert "Running the evaluation of step 4 first" in out and first_eval < out.index("step 5/6")
+  # The resumed run read its state initialiser and train step back from the cache (JAX's debug
+  # log, shown with --verbosity=1, names them), and said so.
+  for program in ("jit_make_state", "jit_train_step"):
+    assert f"Persistent compilation cache hit for '{program}'" in out, out[-3000:]
+  assert out.count("a compiled program read back instead of compiled") >= 2, out[-3000:]
+  assert steps_cached() == cached  # the same two programs, not compiled anew
 
 
 def test_redone_steps_are_logged_to_tensorboard_once(trained):

@@ -284,3 +284,18 @@ def test_the_quickstart_in_bfloat16_reaches_the_same_accuracy(tmp_path):
   float32), proven on the CPU: the README's command with --config.dtype=bfloat16."""
   _quickstart(tmp_path, "--config.dtype=bfloat16")
 
+
+
+def test_the_compilation_cache_setting_picks_the_folder(tmp_path):
+  from dynamixer_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  tests_cache = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)  # as if JAX had no folder set
+    assert compile_cache.resolve("auto", workdir) == os.path.join(workdir, "compile_cache")
+    assert compile_cache.resolve("", workdir) is None  # JAX's own setting: here, none
+    assert compile_cache.resolve("/cache/xla", workdir) == "/cache/xla"
+    jax.config.update("jax_compilation_cache_dir", "/set/by/the/user")
+    assert compile_cache.resolve("auto", workdir) == "/set/by/the/user"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", tests_cache)

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.max_checkpoint_failures = 3  # failed saves in a row before the run stops
+  # JAX's persistent compilation cache, so that a restart reuses the compiled steps: 'auto' =
+  # JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compile_cache; '' = JAX's own setting
+  # (off unless that variable is set); or a folder (local or gs://).
+  c.compilation_cache_dir = "auto"
   # Resume even if the workdir's run used another model, dataset, seed, global batch or
   # optimizer (RESUME_FIELDS); the mesh, epochs and eval/log cadence may always change.
   c.force_resume = False
@@ -180,7 +184,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "max_checkpoint_failures")
   _check(config, _POSITIVE, "eval_every_epochs")
   _check(config, _BOOL, "force_resume")
-  _check(config, _STRING, "init_from")
+  _check(config, _STRING, "init_from", "compilation_cache_dir")
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

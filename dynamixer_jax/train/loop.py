@@ -25,8 +25,8 @@ from clu import metric_writers
 
 from dynamixer_jax import preprocessing
 from dynamixer_jax.data import pipeline, sources
-from dynamixer_jax.train import (checkpointing, configlib, console, events, faults, optim,
-                                 preemption, sharding, workdir_lock)
+from dynamixer_jax.train import (checkpointing, compile_cache, configlib, console, events,
+                                 faults, optim, preemption, sharding, workdir_lock)
 from dynamixer_jax.train.steps import (TrainState, build_model, create_train_state, evaluate,
                                        make_eval_step, make_train_step)
 from dynamixer_jax.weights import metadata as metadata_lib
@@ -73,6 +73,7 @@ class _Run:
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   configlib.validate(config)
   sharding.initialize_distributed(config.distributed)  # before anything touches a device
+  compile_cache.use(config.compilation_cache_dir, workdir)  # before anything compiles
   info = sources.dataset_info(config.data)  # a missing dataset stops here, early
   mesh = sharding.mesh_from_config(config)
   configlib.check_devices(config, mesh.devices.size)
