@@ -286,8 +286,10 @@ def test_the_quickstart_in_bfloat16_reaches_the_same_accuracy(tmp_path):
 
 
 
-def test_the_compilation_cache_setting_picks_the_folder(tmp_path):
+def test_the_compilation_cache_setting_picks_the_folder(tmp_path, monkeypatch):
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   from dynamixer_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(compile_cache, "_ours", None)  # restored after the test
   workdir = str(tmp_path / "run")
   tests_cache = jax.config.jax_compilation_cache_dir
   try:
@@ -296,6 +298,12 @@ def test_the_compilation_cache_setting_picks_the_folder(tmp_path):
     assert compile_cache.resolve("", workdir) is None  # JAX's own setting: here, none
     assert compile_cache.resolve("/cache/xla", workdir) == "/cache/xla"
     jax.config.update("jax_compilation_cache_dir", "/set/by/the/user")
-    assert compile_cache.resolve("auto", workdir) == "/set/by/the/user"
-  finally:
+    assert compile_cache.use("auto", workdir) == "/set/by/the/user"  # the user's own wins
+    # A second run in one process (a notebook) gets its own workdir's folder, not the first's.
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compile_cache.use("auto", workdir) == os.path.join(workdir, "compile_cache")
+    other = str(tmp_path / "other")
+    assert compile_cache.use("auto", other) == os.path.join(other, "compile_cache")
+  finally:  # back to the tests' shared cache
+    compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", tests_cache)

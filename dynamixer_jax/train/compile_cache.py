@@ -16,6 +16,7 @@ from jax.experimental.compilation_cache import compilation_cache
 AUTO = "auto"
 WORKDIR_FOLDER = "compile_cache"
 _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"  # one per cache hit
+_ours: Optional[str] = None  # the folder ``use`` set last, as opposed to the user's own
 _listening = False
 
 
@@ -28,7 +29,8 @@ def resolve(setting: str, workdir: str) -> Optional[str]:
   off unless ``JAX_COMPILATION_CACHE_DIR`` is set. Anything else: that folder (local or gs://).
   """
   if setting == AUTO:
-    return jax.config.jax_compilation_cache_dir or os.path.join(workdir, WORKDIR_FOLDER)
+    users = jax.config.jax_compilation_cache_dir
+    return users if users and users != _ours else os.path.join(workdir, WORKDIR_FOLDER)
   return setting or None
 
 
@@ -36,17 +38,18 @@ def use(setting: str, workdir: str) -> Optional[str]:
   """Point JAX's cache at ``resolve(setting, workdir)`` before anything compiles; the folder in
   use (None if none).
 
-  A second run in the same process (a notebook) may name another folder: the cache JAX opened
+  A second run in the same process (a notebook) may use another folder: the cache JAX opened
   for the first is dropped so that the next compile opens the new one.
   """
+  global _ours, _listening
   folder = resolve(setting, workdir)
   if folder is not None and folder != jax.config.jax_compilation_cache_dir:
     compilation_cache.reset_cache()
     compilation_cache.set_cache_dir(folder)
+    _ours = folder
   folder = jax.config.jax_compilation_cache_dir
   if folder:
     logging.info("XLA compilation cache: %s (a restart reuses the compiled steps)", folder)
-    global _listening
     if not _listening:
       jax.monitoring.register_event_duration_secs_listener(_report_hit)
       _listening = True
