@@ -83,6 +83,11 @@ class _FaultyItemHandler(ocp.JsonCheckpointHandler):
     if active("save_enospc", step):
       raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV})")
     if active("save_pause", step):
+      # orbax may create the step's temporary directories in another thread, after this call
+      # starts (seen once under load): the marker means they exist.
+      deadline = time.monotonic() + 60
+      while not os.path.isdir(str(directory)) and time.monotonic() < deadline:
+        time.sleep(0.02)
       with open(os.path.join(self._marker_dir, f"fault_paused_at_{step}"), "w") as f:
         f.write(str(directory))
       while True:  # until the test kills the process
