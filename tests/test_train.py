@@ -285,7 +285,6 @@ def test_the_quickstart_in_bfloat16_reaches_the_same_accuracy(tmp_path):
   _quickstart(tmp_path, "--config.dtype=bfloat16")
 
 
-
 def test_the_compilation_cache_setting_picks_the_folder(tmp_path, monkeypatch):
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   from dynamixer_jax.train import compile_cache  # pylint: disable=g-import-not-at-top
