@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path, drop_path_draws,
-                                         drop_path_rates, exact_gelu, torch_conv_bias_init,
+from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path, exact_gelu,
+                                         stochastic_depth_per_block, torch_conv_bias_init,
                                          torch_conv_kernel_init, torch_linear_kernel_init)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
@@ -214,20 +214,18 @@ class DynaMixer(nn.Module):
     check_images(images, self.patch_size, self.in_channels, self.image_size, "DynaMixer")
     self.token_grids()
     entries = list(self.entries)
-    num_blocks = sum(e.depth for e in entries)
-    rates = iter(drop_path_rates(self.drop_path_rate, num_blocks))
-    draws = drop_path_draws(self, (num_blocks, 2, images.shape[0]), train, self.drop_path_rate)
+    per_block = iter(stochastic_depth_per_block(self, sum(e.depth for e in entries),
+                                                images.shape[0], train, self.drop_path_rate))
 
     # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
     block = nn.remat(DynaMixerBlock, static_argnums=(2,)) if self.remat else DynaMixerBlock
     x = PatchConv(entries[0].width, self.patch_size, self.dtype, name="patch_embed")(images)
-    index, k = 0, 0  # position in the official ``network`` ModuleList; block number
+    index = 0  # position in the official ``network`` ModuleList
     for i, entry in enumerate(entries):
       for j in range(entry.depth):
-        draw = None if draws is None else draws[k]
-        x = block(entry.segments, entry.reduced_dim, entry.mlp_ratio, next(rates),
-                  self.dtype, name=f"network_{index}_{j}")(x, train, draw)
-        k += 1
+        rate, draws = next(per_block)
+        x = block(entry.segments, entry.reduced_dim, entry.mlp_ratio, rate, self.dtype,
+                  name=f"network_{index}_{j}")(x, train, draws)
       index += 1
       if i + 1 < len(entries) and (entry.transition or entry.width != entries[i + 1].width):
         x = PatchConv(entries[i + 1].width, 2 if entry.transition else 1, self.dtype,

@@ -54,6 +54,15 @@ def drop_path_rates(rate: float, num_blocks: int) -> Sequence[float]:
   return [rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
 
 
+def stochastic_depth_per_block(module: nn.Module, num_blocks: int, batch: int, train: bool,
+                               rate: float) -> list[tuple[float, Optional[jax.Array]]]:
+  """Each block's (rate, (2, batch) draws or None): the linear schedule, and the draws of all
+  blocks made at once (``drop_path_draws``)."""
+  draws = drop_path_draws(module, (num_blocks, 2, batch), train, rate)
+  return list(zip(drop_path_rates(rate, num_blocks),
+                  [None] * num_blocks if draws is None else list(draws)))
+
+
 def torch_linear_kernel_init(stddev: float = 0.02) -> nn.initializers.Initializer:
   """timm's trunc_normal_(std=0.02): cut at +-2 absolute, i.e. +-100 sigma, a plain normal."""
   return nn.initializers.truncated_normal(stddev=stddev, lower=-2.0 / stddev, upper=2.0 / stddev)

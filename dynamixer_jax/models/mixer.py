@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path, drop_path_draws,
-                                         drop_path_rates)
+from dynamixer_jax.models.layers import (branch_draws, check_images, drop_path,
+                                         stochastic_depth_per_block)
 
 
 class MlpBlock(nn.Module):
@@ -80,11 +80,11 @@ class MlpMixer(nn.Module):
     x = einops.rearrange(x, "n h w c -> n (h w) c")
     # static_argnums counts the module as 0: ``train`` (2) is a Python bool, not traced.
     block = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
-    draws = drop_path_draws(self, (self.num_blocks, 2, images.shape[0]), train,
-                            self.drop_path_rate)
-    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
+    per_block = stochastic_depth_per_block(self, self.num_blocks, images.shape[0], train,
+                                           self.drop_path_rate)
+    for i, (rate, draws) in enumerate(per_block):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype,
-                name=f"MixerBlock_{i}")(x, train, None if draws is None else draws[i])
+                name=f"MixerBlock_{i}")(x, train, draws)
     x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0:
